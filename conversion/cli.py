@@ -1,0 +1,46 @@
+"""Entry point of the `hf-ext` console script.
+
+    hf-ext convert <technique> ...   upcycle / convert a checkpoint (see `hf-ext convert -h`)
+    hf-ext eval perplexity ...       measure a model
+    hf-ext push DIR REPO_ID          upload a folder
+    hf-ext zoo list|fetch            offline checkpoints
+
+Bad input prints one line, `error: <problem and fix>`, and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import commands, convert_export
+
+CONVERTERS = [convert_export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-ext", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert", help="convert a checkpoint").add_subparsers(dest="technique", required=True)
+    for c in CONVERTERS:
+        c.add_parser(conv)
+    commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hf_ext.errors import HfExtError
+
+    try:
+        args.func(args)
+    except HfExtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output folder was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`hf-ext eval`, `hf-ext push` and `hf-ext zoo`."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_json_arg, emit
+
+
+def add_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="measure a model").add_subparsers(dest="metric", required=True)
+    p = ev.add_parser("perplexity", help="exp(mean NLL) over non-overlapping windows of the text")
+    p.add_argument("--model", required=True, help="zoo name (smollm2-135m), local folder, or Hub repo id")
+    p.add_argument("--text-file", required=True, help="a file, a folder, python-docs:eval or python-docs:train")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
+    p.add_argument("--window", type=int, default=512, help="window length in tokens, >= 2 (default 512)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--trust-remote-code", action="store_true")
+    add_json_arg(p)
+    p.set_defaults(func=run_perplexity)
+
+    p = sub.add_parser("push", help="upload a saved folder to the Hub")
+    p.add_argument("dir")
+    p.add_argument("repo_id")
+    p.add_argument("--endpoint", default=None)
+    p.add_argument("--token", default=None)
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=run_push)
+
+    z = sub.add_parser("zoo", help="offline checkpoints and corpora").add_subparsers(dest="zoo_cmd", required=True)
+    z.add_parser("list", help="list zoo names").set_defaults(func=run_zoo_list)
+    p = z.add_parser("fetch", help="resolve a zoo name to a local folder (converting once if needed)")
+    p.add_argument("name")
+    p.set_defaults(func=run_zoo_fetch)
+
+
+def run_perplexity(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_ext  # noqa: F401  (registers hf-ext model types with the Auto classes)
+    from hf_ext.errors import BadTextError
+    from hf_ext.eval import perplexity
+    from hf_ext.zoo import load_corpus, resolve_model
+
+    if args.window < 2:
+        raise BadTextError(f"--window {args.window} scores no token; use --window 2 or more")
+    text = load_corpus(args.text_file)
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    r = perplexity(model, tok, text, max_tokens=args.max_tokens, window=args.window, batch_size=args.batch_size)
+    emit({"ppl": r["ppl"], "tokens": r["tokens"], "scored_tokens": r["scored_tokens"], "model": args.model,
+          "text": args.text_file, "window": args.window}, args.json)
+
+
+def run_push(args) -> None:
+    from hf_ext.hub import push
+
+    print(push(args.dir, args.repo_id, endpoint=args.endpoint, token=args.token, private=args.private))
+
+
+def run_zoo_list(args) -> None:
+    from hf_ext.zoo import MODELS
+
+    for m in MODELS.values():
+        print(f"{m.name:14} {m.description}  [{m.install_hint}]")
+    print("corpora: python-docs:train, python-docs:eval, or any text file / folder")
+
+
+def run_zoo_fetch(args) -> None:
+    from hf_ext.zoo import resolve_model
+
+    print(resolve_model(args.name))
+    sys.stdout.flush()
