@@ -1,0 +1,366 @@
+"""``upcycle_to_mla``: a Llama / Mistral / Qwen2 causal LM -> ``MLAForCausalLM``, training-free.
+
+Per layer:
+1. Calibration statistics of the attention input x: C = E[x x^T], mu = E[x].
+2. Keys of all KV heads are (optionally) rotated per RoPE frequency by RoRoPE (a PCA across heads that
+   commutes with RoPE, so nothing is lost yet), then ``qk_rope_head_dim / 2`` pairs per RoPE head are kept
+   rotary, chosen by ``rope_selection``:
+   - ``"high_freq"``: the fastest frequencies (MHA2MLA's "high");
+   - ``"2norm"``: largest E||q|| * E||k|| (MHA2MLA's S_2-norm);
+   - ``"qk_freq"``: 2-norm times how much the pair's rotation moves the score over ``rope_horizon``
+     tokens (``ops.rope_sensitivity``); a slow pair loses little by becoming position-free.
+3. Every other key dim, stacked with V, is factorised to rank ``kv_lora_rank`` (``kv_init``):
+   ``"svd"`` on the weights, ``"whitened"`` on the calibration activations, or ``"qo_whitened"``, which
+   also weights key errors by the query covariance and value errors by W_O, i.e. the errors of the
+   attention logits and output the model actually sees.
+4. Query rows are rotated to match, W_UK's column space is folded into the query (exact), a source value
+   bias folds into o_proj's bias (softmax rows sum to 1), and a key bias off the RoPE dims is dropped
+   (it adds a per-query constant to the logits, which softmax ignores).
+
+With ``rope_key_sharing="per_kv_head"``, ``qk_rope_head_dim = head_dim`` and full rank, nothing is
+approximated and the MLA model reproduces the source (see ``lossless_config``).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..errors import HfExtError
+from . import ops
+from .configuration_mla import MLAConfig
+from .modeling_mla import MLAForCausalLM
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+MIN_CALIB_TOKENS_PER_HIDDEN = 2  # C = E[x x^T] needs well over `hidden` samples to be full rank
+
+
+class UpcycleError(HfExtError, ValueError):
+    pass
+
+
+@dataclass
+class UpcycleConfig:
+    """How to upcycle. Give exactly one of ``kv_lora_rank``, ``kv_ratio`` or ``energy``.
+
+    Args:
+        kv_lora_rank: width r of the cached latent.
+        kv_ratio: target KV-cache compression vs the source (2*n_kv*head_dim values per token); r follows.
+        energy: keep the smallest r (max over layers) whose factorisation keeps this fraction of energy.
+        qk_rope_head_dim: width of each decoupled RoPE key (even).
+        rope_key_sharing: "shared" (one RoPE key, DeepSeek / X-EcoMLA) or "per_kv_head" (MHA2MLA).
+        rope_rotation: "rorope" (TransMLA's PCA across heads per frequency; shared keys only) or "none".
+        rope_selection: "qk_freq", "2norm" or "high_freq" (see the module docstring).
+        kv_init: "qo_whitened", "whitened" or "svd".
+        rope_horizon: context length over which ``qk_freq`` weighs a pair's rotation.
+    """
+
+    kv_lora_rank: int | None = None
+    kv_ratio: float | None = None
+    energy: float | None = None
+    qk_rope_head_dim: int = 16
+    rope_key_sharing: str = "shared"
+    rope_rotation: str = "rorope"
+    rope_selection: str = "qk_freq"
+    kv_init: str = "qo_whitened"
+    rope_horizon: int = 2048
+
+    @classmethod
+    def lossless(cls, source_config) -> "UpcycleConfig":
+        """Every RoPE dim kept per KV head, full rank: the MLA model equals the source."""
+        D, n_kv = _head_dim(source_config), source_config.num_key_value_heads
+        return cls(kv_lora_rank=n_kv * D, qk_rope_head_dim=D, rope_key_sharing="per_kv_head",
+                   rope_rotation="none", kv_init="svd")
+
+    def needs_calibration(self) -> bool:
+        return self.kv_init != "svd" or self.rope_selection != "high_freq" or self.rope_rotation != "none"
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _check(model, ucfg: UpcycleConfig):
+    cfg = model.config
+    if cfg.model_type not in SUPPORTED:
+        raise UpcycleError(f"model type '{cfg.model_type}' is not supported for MLA upcycling; "
+                           f"supported: {', '.join(SUPPORTED)}")
+    for name, allowed in [("rope_key_sharing", ("shared", "per_kv_head")), ("rope_rotation", ("rorope", "none")),
+                          ("rope_selection", ("qk_freq", "2norm", "high_freq")),
+                          ("kv_init", ("qo_whitened", "whitened", "svd"))]:
+        if getattr(ucfg, name) not in allowed:
+            raise UpcycleError(f"{name}={getattr(ucfg, name)!r}; choose one of {', '.join(allowed)}")
+    if sum(x is not None for x in (ucfg.kv_lora_rank, ucfg.kv_ratio, ucfg.energy)) != 1:
+        raise UpcycleError("give exactly one of kv_lora_rank, kv_ratio or energy")
+    D, n_kv = _head_dim(cfg), cfg.num_key_value_heads
+    d_r = ucfg.qk_rope_head_dim
+    if d_r % 2 or not 0 < d_r <= D:
+        raise UpcycleError(f"qk_rope_head_dim={d_r}: RoPE rotates pairs, use an even width in 2..{D}")
+    if ucfg.rope_rotation == "rorope" and ucfg.rope_key_sharing != "shared":
+        raise UpcycleError("rope_rotation='rorope' mixes KV heads into one shared RoPE key; use it with "
+                           "rope_key_sharing='shared', or rope_rotation='none'")
+    n_rope = 1 if ucfg.rope_key_sharing == "shared" else n_kv
+    src_values = 2 * n_kv * D
+    max_rank = min(src_values - n_rope * d_r, cfg.hidden_size)  # rows of [K_nope; V], or the input width
+    if ucfg.kv_ratio is not None:
+        if ucfg.kv_ratio <= 1:
+            raise UpcycleError(f"kv_ratio={ucfg.kv_ratio} does not compress; use a ratio above 1 (e.g. 6.4)")
+        r = round(src_values / ucfg.kv_ratio) - n_rope * d_r
+        if r < 1:
+            raise UpcycleError(f"kv_ratio={ucfg.kv_ratio} leaves no room for a latent next to {n_rope}x{d_r} "
+                               f"RoPE values; lower kv_ratio or qk_rope_head_dim")
+        ucfg.kv_lora_rank = r
+    if ucfg.kv_lora_rank is not None and not 0 < ucfg.kv_lora_rank <= max_rank:
+        raise UpcycleError(f"kv_lora_rank={ucfg.kv_lora_rank} is above the maximum {max_rank} "
+                           f"(min(2*n_kv*head_dim - RoPE dims, hidden_size)); lower it")
+    if ucfg.energy is not None and not 0 < ucfg.energy <= 1:
+        raise UpcycleError(f"energy={ucfg.energy}; give a fraction in (0, 1]")
+    return D, n_kv, n_rope, max_rank
+
+
+@torch.no_grad()
+def collect_stats(model, calib_ids: torch.Tensor, window: int = 512, progress: bool = True):
+    """Per layer C = E[x x^T] (float64) and mu = E[x] of the attention input (after input_layernorm)."""
+    from tqdm.auto import tqdm
+
+    layers = model.model.layers
+    h = model.config.hidden_size
+    C = [torch.zeros(h, h, dtype=torch.float64) for _ in layers]
+    mu = [torch.zeros(h, dtype=torch.float64) for _ in layers]
+    n = 0
+
+    def hook(i):
+        def fn(mod, args):
+            x = args[0].detach().reshape(-1, h).double().cpu()
+            C[i].add_(x.T @ x)
+            mu[i].add_(x.sum(0))
+        return fn
+
+    handles = [layer.self_attn.q_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        ids = calib_ids.flatten()
+        chunks = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)] or [ids]
+        for w in tqdm(chunks, desc="mla: calibration", unit="window", disable=not progress, leave=False):
+            model(input_ids=w[None].to(device), use_cache=False)
+            n += len(w)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return [c / n for c in C], [m / n for m in mu], n
+
+
+def _layer_weights(attn, H, n_kv, D):
+    f64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    return dict(Wq=f64(attn.q_proj.weight), bq=f64(attn.q_proj.bias), Wk=f64(attn.k_proj.weight),
+                bk=f64(attn.k_proj.bias), Wv=f64(attn.v_proj.weight), bv=f64(attn.v_proj.bias),
+                Wo=f64(attn.o_proj.weight), bo=f64(attn.o_proj.bias))
+
+
+def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq):
+    """Rotation, RoPE selection and the stacked [K_nope; V] matrix of one layer (no rank chosen yet)."""
+    g_of = torch.arange(H) // (H // n_kv)                                   # KV head of each query head
+    half, d_r = D // 2, ucfg.qk_rope_head_dim
+    K = second_moment_or_eye(w["Wk"], w["bk"], C, mu)
+    Q = second_moment_or_eye(w["Wq"], w["bq"], C, mu)
+    if ucfg.rope_rotation == "rorope":
+        R, k_energy = ops.rorope_rotation(K, n_kv, D)                        # (half, n_kv, n_kv), (half, n_kv)
+    else:
+        R = torch.eye(n_kv, dtype=torch.float64).expand(half, n_kv, n_kv).clone()
+        k_energy = _pair_energy(K, n_kv, D)                                   # (half, n_kv)
+    T = ops.rotation_matrix(R, n_kv, D)                                      # (n_kv*D, n_kv*D)
+    q_pair = _pair_energy_q(Q, H, D)                                         # (half, H)
+    # q energy of component (i, j): sum over heads of R[i, j, g(h)]^2 * E|q_{h,i}|^2
+    q_comp = torch.einsum("ijh,ih->ijh", R[:, :, g_of] ** 2, q_pair)          # (half, n_kv, H)
+    two_norm = (q_comp.sqrt().sum(-1)) * k_energy.sqrt()                     # (half, n_kv)
+    if ucfg.rope_selection == "high_freq":
+        score = -torch.arange(half, dtype=torch.float64)[:, None] * 1e6 + k_energy  # fastest first, then energy
+    elif ucfg.rope_selection == "2norm":
+        score = two_norm
+    else:
+        score = two_norm * ops.rope_sensitivity(inv_freq, ucfg.rope_horizon)[:, None]
+    if ucfg.rope_key_sharing == "shared":
+        top = score.flatten().argsort(descending=True)[: d_r // 2]
+        comps = [sorted(((int(t) // n_kv, int(t) % n_kv) for t in top))]    # one RoPE head: [(i, j)]
+    else:
+        comps = [sorted((int(i), g) for i in score[:, g].argsort(descending=True)[: d_r // 2]) for g in range(n_kv)]
+    rope_rows = {(j * D + d) for head in comps for i, j in head for d in ops.pair_rows(i, D)}
+    nope_idx = torch.tensor([k for k in range(n_kv * D) if k not in rope_rows], dtype=torch.long)
+    Wk_rot = T @ w["Wk"]                                                     # (n_kv*D, h) rotated keys
+    bk_rot = None if w["bk"] is None else T @ w["bk"]
+    M = torch.cat([Wk_rot[nope_idx], w["Wv"]], 0)                           # (F + n_kv*D, h)
+    # Query of head h in the rotated key space: G_h (n_kv*D, D) = T[:, slot g(h)]
+    G = torch.stack([T[:, g * D:(g + 1) * D] for g in g_of.tolist()])      # (H, n_kv*D, D)
+    return dict(R=R, T=T, comps=comps, nope_idx=nope_idx, Wk_rot=Wk_rot, bk_rot=bk_rot, M=M, G=G, Q=Q, g_of=g_of)
+
+
+def second_moment_or_eye(W, b, C, mu):
+    return ops.second_moment(W, b, C, mu) if C is not None else W @ W.T
+
+
+def _pair_energy(K, n_kv, D):
+    half = D // 2
+    diag = K.diagonal().view(n_kv, D)
+    return (diag[:, :half] + diag[:, half:]).T                               # (half, n_kv)
+
+
+def _pair_energy_q(Q, H, D):
+    return _pair_energy(Q, H, D)                                             # (half, H)
+
+
+def _row_weight(plan, w, C, ucfg, H, n_kv, D):
+    """Dw for weighted_lowrank: None (svd), block balance (whitened) or query/W_O aware (qo_whitened)."""
+    F = len(plan["nope_idx"])
+    if ucfg.kv_init == "svd":
+        return None
+    Mk, Mv = plan["M"][:F], plan["M"][F:]
+    if ucfg.kv_init == "whitened":
+        Ak, Av = torch.eye(F, dtype=torch.float64), torch.eye(n_kv * D, dtype=torch.float64)
+    else:
+        Qh = plan["Q"].view(H, D, H, D).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (H, D, D) per-head E[q q^T]
+        Gn = plan["G"][:, plan["nope_idx"]]                                   # (H, F, D)
+        Ak = ops.psd_sqrt(torch.einsum("hfd,hde,hge->fg", Gn, Qh, Gn)) if F else torch.zeros(0, 0, dtype=torch.float64)
+        Wo = w["Wo"].view(-1, H, D).permute(1, 2, 0)                          # (H, D, hidden): W_O of head h
+        Av = torch.block_diag(*[ops.psd_sqrt(sum(Wo[h] @ Wo[h].T for h in range(H) if plan["g_of"][h] == g))
+                                for g in range(n_kv)])
+    ek = (Ak @ Mk @ C @ Mk.T @ Ak.T).trace() if F else torch.tensor(1.0)
+    ev = (Av @ Mv @ C @ Mv.T @ Av.T).trace()
+    # Balance: each block carries the same weighted energy, so neither K nor V starves the other.
+    return torch.block_diag(Ak / ek.sqrt().clamp_min(1e-30), Av / ev.sqrt().clamp_min(1e-30))
+
+
+def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.Tensor | None = None,
+                   calib_window: int = 512, progress: bool = True):
+    """Upcycle a Llama-family causal LM to ``MLAForCausalLM`` (training-free). Returns ``(mla, report)``.
+
+    Example:
+        >>> from hf_ext.mla import upcycle_to_mla, UpcycleConfig
+        >>> mla, report = upcycle_to_mla(model, UpcycleConfig(kv_ratio=6.4), calib_ids=ids)  # doctest: +SKIP
+        >>> report["kv_ratio"]                                                               # doctest: +SKIP
+        6.4
+    """
+    from tqdm.auto import tqdm
+
+    ucfg = UpcycleConfig(**asdict(config or UpcycleConfig(kv_ratio=6.4)))
+    D, n_kv, n_rope, max_rank = _check(model, ucfg)
+    cfg = model.config
+    H, h, L = cfg.num_attention_heads, cfg.hidden_size, cfg.num_hidden_layers
+    t0 = time.perf_counter()
+    if ucfg.needs_calibration():
+        need = MIN_CALIB_TOKENS_PER_HIDDEN * h
+        if calib_ids is None or calib_ids.numel() < need:
+            got = 0 if calib_ids is None else calib_ids.numel()
+            raise UpcycleError(f"calibration text gives {got} tokens; this model needs at least {need} "
+                               f"({MIN_CALIB_TOKENS_PER_HIDDEN} x hidden size {h}); give more --calib-text")
+        Cs, mus, n_calib = collect_stats(model, calib_ids, calib_window, progress)
+    else:
+        Cs, mus, n_calib = [None] * L, [None] * L, 0
+    inv_freq = model.model.rotary_emb.inv_freq.detach().double().cpu()
+    plans, weights = [], []
+    for li, layer in enumerate(tqdm(model.model.layers, desc="mla: plan layers", disable=not progress, leave=False)):
+        w = _layer_weights(layer.self_attn, H, n_kv, D)
+        C = Cs[li] if Cs[li] is not None else torch.eye(h, dtype=torch.float64)
+        plan = _plan_layer(w, Cs[li], mus[li], ucfg, H, n_kv, D, inv_freq)
+        plan["Dw"] = _row_weight(plan, w, C, ucfg, H, n_kv, D)
+        plan["C"] = None if ucfg.kv_init == "svd" else C
+        Y = plan["M"] if plan["Dw"] is None else plan["Dw"] @ plan["M"]
+        S = Y @ Y.T if plan["C"] is None else Y @ plan["C"] @ Y.T
+        plan["evals"] = torch.linalg.eigvalsh((S + S.T) / 2).flip(0).clamp_min(0)
+        plans.append(plan)
+        weights.append(w)
+    r = ucfg.kv_lora_rank
+    if r is None:
+        r = min(max(ops.rank_for_energy(p["evals"], ucfg.energy) for p in plans), max_rank)
+    F = len(plans[0]["nope_idx"])
+    d_n = min(F, r)
+    mcfg = MLAConfig(
+        vocab_size=cfg.vocab_size, hidden_size=h, intermediate_size=cfg.intermediate_size, num_hidden_layers=L,
+        num_attention_heads=H, num_key_value_heads=n_kv, head_dim=D, kv_lora_rank=r, qk_nope_head_dim=d_n,
+        qk_rope_head_dim=ucfg.qk_rope_head_dim, v_head_dim=D, rope_key_sharing=ucfg.rope_key_sharing,
+        rope_freq_index=[[[i for i, _ in head] for head in p["comps"]] for p in plans],
+        softmax_scale=getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5),
+        hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+        attention_bias=any(wt["bq"] is not None or wt["bk"] is not None for wt in weights),
+        o_proj_bias=any(wt["bv"] is not None or wt["bo"] is not None for wt in weights),
+        mlp_bias=getattr(cfg, "mlp_bias", False), sliding_window=getattr(cfg, "sliding_window", None) if
+        getattr(cfg, "use_sliding_window", True) else None, pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, tie_word_embeddings=cfg.tie_word_embeddings)
+    mcfg._attn_implementation = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+    mla = MLAForCausalLM(mcfg).to(dtype)
+    _copy_body(model, mla)
+    energy = []
+    for li, (p, w) in enumerate(zip(plans, weights)):
+        energy.append(_fill_attention(mla.model.layers[li].self_attn, p, w, r, d_n, H, n_kv, D, ucfg))
+    mla.generation_config = model.generation_config
+    src_values = 2 * n_kv * D
+    report = {"kv_values_per_token_source": src_values, "kv_values_per_token": mcfg.kv_values_per_token,
+              "kv_ratio": src_values / mcfg.kv_values_per_token, "kv_lora_rank": r,
+              "qk_rope_head_dim": ucfg.qk_rope_head_dim, "rope_key_sharing": ucfg.rope_key_sharing,
+              "rope_rotation": ucfg.rope_rotation, "rope_selection": ucfg.rope_selection, "kv_init": ucfg.kv_init,
+              "calib_tokens": n_calib, "energy_kept_min": min(energy), "energy_kept_mean": sum(energy) / len(energy),
+              "params_source": sum(t.numel() for t in model.parameters()),
+              "params_mla": sum(t.numel() for t in mla.parameters()), "seconds": time.perf_counter() - t0}
+    return mla.eval(), report
+
+
+def _copy_body(src, dst):
+    """Everything but attention is copied as is (embeddings, norms, MLPs, head)."""
+    sd = {k: v for k, v in src.state_dict().items() if ".self_attn." not in k}
+    missing, unexpected = dst.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all(".self_attn." in k or k == "lm_head.weight" for k in missing), missing
+
+
+@torch.no_grad()
+def _fill_attention(attn, p, w, r, d_n, H, n_kv, D, ucfg) -> float:
+    """Write one layer's MLA weights from its plan. Returns the fraction of weighted energy kept."""
+    d_r, half = ucfg.qk_rope_head_dim, ucfg.qk_rope_head_dim // 2
+    F = len(p["nope_idx"])
+    W_up, W_down, evals = ops.weighted_lowrank(p["M"], p["C"], r, p["Dw"])  # (F+n_kv*D, r), (r, h)
+    U_k, U_v = W_up[:F], W_up[F:]                                           # (F, r), (n_kv*D, r)
+    if F > r:   # fold W_UK's column space into the query: q.(U_k c) = (Q^T q).(R c), exact
+        Qb, W_uk = torch.linalg.qr(U_k)                                     # (F, r), (r, r)
+    else:
+        Qb, W_uk = torch.eye(F, dtype=torch.float64), U_k                   # (F, F), (F, r)
+    hidden = w["Wq"].shape[1]
+    Wq_heads = w["Wq"].view(H, D, hidden)
+    bq_heads = None if w["bq"] is None else w["bq"].view(H, D)
+    q_rows, q_bias, kb_rows, uv_rows = [], [], [], []
+    for h in range(H):
+        g = int(p["g_of"][h])
+        G_h = p["G"][h]                                                     # (n_kv*D, D) rotated slot of head h
+        head_rope = p["comps"][0 if len(p["comps"]) == 1 else g]
+        rope_rot_rows = [j * D + i for i, j in head_rope] + [j * D + i + D // 2 for i, j in head_rope]
+        q_nope = Qb.T @ G_h[p["nope_idx"]]                                  # (d_n, D) applied to q_h
+        q_rope = G_h[rope_rot_rows]                                         # (d_r, D)
+        A = torch.cat([q_nope, q_rope], 0)                                  # (d_n + d_r, D)
+        q_rows.append(A @ Wq_heads[h])
+        if bq_heads is not None:
+            q_bias.append(A @ bq_heads[h])
+        kb_rows.append(torch.cat([W_uk, U_v[g * D:(g + 1) * D]], 0))       # (d_n + D, r)
+    attn_q = torch.cat(q_rows, 0)
+    rope_k_rows = torch.cat([p["Wk_rot"][[j * D + i for i, j in hd] + [j * D + i + D // 2 for i, j in hd]]
+                             for hd in p["comps"]], 0)                      # (n_rope*d_r, h)
+    dt = attn.q_proj.weight.dtype
+    attn.q_proj.weight.copy_(attn_q.to(dt))
+    attn.kv_a_proj.weight.copy_(torch.cat([W_down, rope_k_rows], 0).to(dt))
+    attn.kv_b_proj.weight.copy_(torch.cat(kb_rows, 0).to(dt))
+    attn.o_proj.weight.copy_(w["Wo"].to(dt))
+    if attn.q_proj.bias is not None:
+        attn.q_proj.bias.copy_(torch.cat(q_bias).to(dt) if q_bias else torch.zeros_like(attn.q_proj.bias))
+    if attn.kv_a_proj.bias is not None:
+        kb = torch.zeros(r + len(p["comps"]) * d_r, dtype=torch.float64)
+        if p["bk_rot"] is not None:
+            kb[r:] = torch.cat([p["bk_rot"][[j * D + i for i, j in hd] + [j * D + i + D // 2 for i, j in hd]]
+                                for hd in p["comps"]])
+        attn.kv_a_proj.bias.copy_(kb.to(dt))
+    if attn.o_proj.bias is not None:
+        bo = torch.zeros(w["Wo"].shape[0], dtype=torch.float64) if w["bo"] is None else w["bo"].clone()
+        if w["bv"] is not None:  # sum_s a_s (v_s + b) = sum_s a_s v_s + b, so b_v moves through W_O
+            bo += w["Wo"] @ w["bv"].view(n_kv, D)[p["g_of"]].flatten()
+        attn.o_proj.bias.copy_(bo.to(dt))
+    return float(evals[:r].sum() / evals.sum().clamp_min(1e-30))

@@ -1,0 +1,299 @@
+# Multi-head Latent Attention, upcycled from pretrained attention.
+# Papers: X-EcoMLA (https://arxiv.org/abs/2503.11132), DeepSeek-V2 MLA (https://arxiv.org/abs/2405.04434),
+#         MHA2MLA (https://arxiv.org/abs/2502.14837), TransMLA (https://arxiv.org/abs/2502.07864).
+#
+# Self-contained on purpose: only transformers/torch and the relative config import, so a checkpoint
+# saved with auto_map loads with trust_remote_code=True on a machine without hf-ext.
+"""MLAForCausalLM: a Llama-family body whose attention caches one latent per token.
+
+Per layer and token the cache holds c_kv = W_DKV x (``kv_lora_rank`` values) and the decoupled RoPE
+key(s) (``n_rope_heads * qk_rope_head_dim`` values), in ``MLALatentLayer``, a transformers cache layer
+type that ``generate()`` builds from ``config.layer_types``.
+
+Two equivalent attention paths:
+- expanded (prefill): K_nope and V are expanded from the cached latent by ``kv_b_proj``, and attention
+  runs through transformers' ``ALL_ATTENTION_FUNCTIONS`` (eager / sdpa / flash).
+- absorbed (decode): W_UK is folded into the query and W_UV into the output, so attention is MQA over
+  [c_kv, k_rope] with values c_kv; no per-head K/V is ever materialised.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_mla import MLAConfig
+
+
+class MLALatentLayer(DynamicLayer):
+    """Latent KV cache layer: ``keys`` holds c_kv (B, 1, T, r), ``values`` the RoPE key (B, n_rope, T, d_r).
+
+    Both grow along dim -2 like a DynamicLayer, so cropping, beam reordering and batch selection work
+    unchanged; only ``r + n_rope * d_r`` values per token are stored instead of 2 * n_kv * head_dim.
+    """
+
+    _layer_type = "mla_latent"
+
+
+class MLARMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class MLARotaryEmbedding(nn.Module):
+    """The source model's RoPE frequencies (for its ``head_dim``); layers pick their kept pairs."""
+
+    def __init__(self, config: MLAConfig):
+        super().__init__()
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            base = config.rope_parameters["rope_theta"]
+            d = config.head_dim
+            inv_freq, self.attention_scaling = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (B, T, head_dim/2)
+        return (freqs.cos() * self.attention_scaling).to(x.dtype), (freqs.sin() * self.attention_scaling).to(x.dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE. x (B, n, T, d_r); cos/sin (B, n|1, T, d_r/2) for the pairs (k, k + d_r/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.n_rope = config.num_attention_heads, config.n_rope_heads
+        self.r, self.d_n, self.d_r, self.d_v = (config.kv_lora_rank, config.qk_nope_head_dim,
+                                                 config.qk_rope_head_dim, config.v_head_dim)
+        self.scaling, self.is_causal = config.softmax_scale, True
+        self.num_key_value_groups = 1  # the expanded path materialises one K/V head per query head
+        self.attention_dropout = config.attention_dropout
+        q_out = self.num_heads * (self.d_n + self.d_r)
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
+        self.kv_a_proj = nn.Linear(config.hidden_size, self.r + self.n_rope * self.d_r, bias=config.attention_bias)
+        self.kv_b_proj = nn.Linear(self.r, self.num_heads * (self.d_n + self.d_v), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.d_v, config.hidden_size, bias=config.o_proj_bias)
+        idx = config.rope_freq_index[layer_idx] if config.rope_freq_index else [list(range(self.d_r // 2))] * self.n_rope
+        self.register_buffer("rope_freq_index", torch.tensor(idx, dtype=torch.long), persistent=False)  # (n_rope, d_r/2)
+
+    def _queries(self, x):
+        return self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_proj(x))
+
+    def _rope_cos_sin(self, position_embeddings):
+        cos, sin = position_embeddings                                      # (B, T, head_dim/2)
+        cos, sin = cos[..., self.rope_freq_index], sin[..., self.rope_freq_index]  # (B, T, n_rope, d_r/2)
+        return cos.transpose(1, 2), sin.transpose(1, 2)                     # (B, n_rope, T, d_r/2)
+
+    def _use_absorbed(self, q_len, past_len):
+        mode = self.config.absorb
+        return mode == "always" or (mode == "auto" and q_len == 1 and past_len > 0)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        H, n_rope, d_n, d_r = self.num_heads, self.n_rope, self.d_n, self.d_r
+        q = self._queries(hidden_states).view(B, T, H, d_n + d_r).transpose(1, 2)  # (B, H, T, d_n + d_r)
+        q_nope, q_rope = q.split([d_n, d_r], dim=-1)
+        kv = self.kv_a_proj(hidden_states)                                  # (B, T, r + n_rope*d_r)
+        c_kv = kv[..., : self.r].unsqueeze(1)                               # (B, 1, T, r)
+        k_rope = kv[..., self.r:].view(B, T, n_rope, d_r).transpose(1, 2)   # (B, n_rope, T, d_r)
+        cos, sin = self._rope_cos_sin(position_embeddings)
+        k_rope = apply_rope(k_rope, cos, sin)
+        q_rope = apply_rope(q_rope.view(B, n_rope, H // n_rope, T, d_r), cos[:, :, None], sin[:, :, None]).view(B, H, T, d_r)
+        past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if cache is not None:
+            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)       # (B, 1, S, r), (B, n_rope, S, d_r)
+        if self._use_absorbed(T, past_len):
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask, past_len)
+        else:
+            out = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(B, T, H * self.d_v)), None
+
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[2]
+        kv = self.kv_b_proj(c_kv[:, 0]).view(B, S, H, self.d_n + self.d_v).transpose(1, 2)  # (B, H, S, d_n + d_v)
+        k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
+        k_rope = k_rope.repeat_interleave(H // self.n_rope, dim=1)         # (B, H, S, d_r)
+        q = torch.cat([q_nope, q_rope], dim=-1)                             # (B, H, T, d_n + d_r)
+        k = torch.cat([k_nope, k_rope], dim=-1)                             # (B, H, S, d_n + d_r)
+        attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        out, _ = attn(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                      scaling=self.scaling, **kwargs)
+        return out                                                          # (B, T, H, d_v)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask, past_len):
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[2]
+        w = self.kv_b_proj.weight.view(H, self.d_n + self.d_v, self.r)
+        w_uk, w_uv = w[:, : self.d_n], w[:, self.d_n:]                      # (H, d_n, r), (H, d_v, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)                # (B, H, T, r)
+        # MQA over the latent: one key/value "head" per RoPE head, queries grouped onto it.
+        q = torch.cat([q_lat, q_rope], dim=-1)                              # (B, H, T, r + d_r)
+        k = torch.cat([c_kv.expand(B, self.n_rope, S, self.r), k_rope], dim=-1)  # (B, n_rope, S, r + d_r)
+        v = c_kv.expand(B, self.n_rope, S, self.r)                          # (B, n_rope, S, r)
+        mask = _as_bool_mask(attention_mask, T, S, past_len, q.device)
+        out_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                 enable_gqa=self.n_rope != H)  # (B, H, T, r)
+        out = torch.einsum("bhtr,hdr->bthd", out_lat, w_uv)                 # (B, T, H, d_v)
+        return out
+
+
+def _as_bool_mask(mask, T, S, past_len, device):
+    """A boolean (.., T, S) mask (True = attend) for SDPA, from whatever transformers built (or None)."""
+    if mask is None:
+        if T == 1:
+            return None
+        pos_q = torch.arange(T, device=device)[:, None] + (S - T)
+        return torch.arange(S, device=device)[None, :] <= pos_q
+    if mask.dtype == torch.bool:
+        return mask
+    return mask == 0  # additive float mask: 0 = attend, large negative = masked
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    w = torch.matmul(query, key.transpose(2, 3)) * scaling                 # (B, H, T, S)
+    if attention_mask is not None:
+        w = w + attention_mask if attention_mask.dtype != torch.bool else w.masked_fill(~attention_mask, torch.finfo(w.dtype).min)
+    w = F.dropout(F.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype), p=dropout, training=module.training)
+    return torch.matmul(w, value).transpose(1, 2).contiguous(), w
+
+
+class MLAMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(h, i, bias=b), nn.Linear(h, i, bias=b), nn.Linear(i, h, bias=b)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLADecoderLayer(nn.Module):
+    def __init__(self, config: MLAConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLAAttention(config, layer_idx)
+        self.mlp = MLAMLP(config)
+        self.input_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        attn_out, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs)
+        hidden_states = hidden_states + attn_out
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MLAPreTrainedModel(PreTrainedModel):
+    config_class = MLAConfig
+    config: MLAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MLADecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # q/k (d_n + d_r) and v (d_v) widths differ
+    _supports_attention_backend = True
+
+
+class MLAModel(MLAPreTrainedModel):
+    def __init__(self, config: MLAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([MLADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MLARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MLARotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)                        # MLALatentLayer per layer
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past)[None]
+        make_mask = create_sliding_window_causal_mask if self.config.sliding_window else create_causal_mask
+        mask = make_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         cache=cache, position_ids=position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, position_embeddings, mask, cache)
+            else:
+                hidden_states = layer(hidden_states, position_embeddings, mask, cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
+    """An MLA causal LM. Make one from a Llama/Mistral/Qwen2 checkpoint with ``hf_ext.mla.upcycle_to_mla``.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained("out/smollm2-mla", trust_remote_code=True)  # doctest: +SKIP
+        >>> out = model.generate(input_ids, max_new_tokens=32)   # the cache holds latents only  # doctest: +SKIP
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MLAConfig):
+        super().__init__(config)
+        self.model = MLAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, past_key_values=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, **kwargs)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else h[:, logits_to_keep]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+def latent_cache_bytes(cache) -> int:
+    """Bytes held by the tensors of a cache (latent or not), measured, not computed from the config."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
