@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, convert_export
+from . import commands, convert_export, convert_mla
 
-CONVERTERS = [convert_export]
+CONVERTERS = [convert_mla, convert_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,33 +1,23 @@
 """TEST-ONLY fake of the Hugging Face Hub *upload* API, backed by plain git repositories on disk.
 
-Not a Hub: no accounts, no access control beyond an optional fixed bearer token, no Xet, no pull requests,
-commits only to existing branches. It exists so tests can push with the real ``huggingface_hub`` client
-(``HfApi.create_repo`` + ``HfApi.upload_folder`` with ``HF_HUB_DISABLE_XET=1``) and then read the result back
-through a real mirror (olah, ``mirrors-path``) without any network beyond 127.0.0.1.
+Not a Hub: no accounts (one optional fixed bearer token), no Xet, no pull requests, commits to existing branches
+only. It lets tests push with the real ``huggingface_hub`` client (``HfApi.create_repo`` + ``upload_folder`` with
+``HF_HUB_DISABLE_XET=1``) and read the result back through a real mirror (olah's ``mirrors-path``), all on 127.0.0.1.
 
-Protocol steps implemented, in the order the client sends them (shapes follow huggingface_hub 2.x:
-``hf_api.create_repo``, ``_commit_api._fetch_upload_modes`` / ``_send_commit``, ``lfs.post_lfs_batch_info`` /
-``lfs_upload``):
+Protocol steps, in the client's order (shapes from huggingface_hub 2.x ``hf_api``, ``_commit_api``, ``lfs``):
 
-  POST /api/repos/create                         git init <mirrors>/<type>s/[<org>/]<name> on branch ``main``
-                                                 with an empty initial commit; 409 if it exists
-  POST /api/validate-yaml                        README.md metadata check (sent only when a README.md is
-                                                 uploaded): always valid
-  GET  /api/<type>s/<repo>[/revision/<rev>]       minimal repo info (id, sha, siblings)
-  POST /api/<type>s/<repo>/preupload/<rev>       uploadMode "lfs" for *.safetensors, *.bin and files > 10 MB,
-                                                 "regular" otherwise
-  POST /[<type>s/]<repo>.git/info/lfs/objects/batch
-                                                 git-lfs batch API, "basic" transfer: an upload + a verify
-                                                 action per object not stored yet
-  PUT  /lfs-objects/<oid>                         the object's bytes (sha256 checked); plain PUT or chunked
-  POST /lfs-objects/<oid>/verify                  200 once the object is stored with the announced size
-  POST /api/<type>s/<repo>/commit/<rev>          ndjson: ``header`` then ``file`` (base64 inline), ``lfsFile``
-                                                 (oid of an uploaded object), ``deletedFile``, ``deletedFolder``
+  POST /api/repos/create                        git init <mirrors>/<type>s/<org>/<name>: branch main, empty commit
+  POST /api/validate-yaml                       sent along with a README.md: always valid
+  GET  /api/<type>s/<repo>[/revision/<rev>]      minimal repo info (id, sha, siblings)
+  POST /api/<type>s/<repo>/preupload/<rev>      uploadMode "lfs" for *.safetensors, *.bin, > 10 MB; else "regular"
+  POST /[<type>s/]<repo>.git/info/lfs/objects/batch    git-lfs batch API, basic transfer: upload + verify actions
+  PUT  /lfs-objects/<oid>                        the object's bytes (sha256 checked)
+  POST /lfs-objects/<oid>/verify                 200 once stored with the announced size
+  POST /api/<type>s/<repo>/commit/<rev>         ndjson: header, file (base64), lfsFile (oid), deletedFile/Folder
 
 A commit writes the *real bytes* of every file (LFS ones included) into the working tree and runs
 ``git add -A`` + ``git commit``: olah serves a mirror straight from git objects, so no LFS pointers are needed.
-Errors are JSON ``{"error": ...}`` with ``X-Error-Code`` / ``X-Error-Message`` headers, as the Hub sends them,
-so ``hf_raise_for_status`` maps them to the usual exceptions (``RepositoryNotFoundError``, ...).
+Errors carry ``X-Error-Code`` / ``X-Error-Message`` as on the Hub, so the client raises its usual exceptions.
 """
 from __future__ import annotations
 
@@ -94,25 +84,20 @@ class HubUploadServer:
     """
 
     def __init__(self, mirrors_dir: str | Path, *, token: str | None = None, host: str = "127.0.0.1", port: int = 0):
-        self.mirrors_dir = Path(mirrors_dir)
-        self.lfs_dir = Path(tempfile.mkdtemp(prefix="hub-lfs-"))
-        self.token = token
+        self.mirrors_dir, self.token = Path(mirrors_dir), token
+        self.lfs_dir = Path(tempfile.mkdtemp(prefix="hub-lfs-"))  # uploaded LFS objects, by sha256, until committed
         self.requests: list[tuple[str, str]] = []
         self.commits: list[dict] = []
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
         self.httpd.hub = self  # type: ignore[attr-defined]
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return "http://%s:%d" % self.httpd.server_address[:2]
 
     def start(self) -> "HubUploadServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="hub-upload-server", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self.httpd.serve_forever, name="hub-upload-server", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -120,8 +105,7 @@ class HubUploadServer:
         self.httpd.server_close()
         shutil.rmtree(self.lfs_dir, ignore_errors=True)
 
-    def __enter__(self) -> "HubUploadServer":
-        return self.start()
+    __enter__ = start
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -136,56 +120,43 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # keep pytest output clean
         pass
 
-    def do_GET(self):
-        self._dispatch()
-
-    def do_POST(self):
-        self._dispatch()
-
-    def do_PUT(self):
-        self._dispatch()
-
-    # ---- plumbing
     def _dispatch(self) -> None:
         hub: HubUploadServer = self.server.hub  # type: ignore[attr-defined]
         path = urlsplit(self.path).path
         hub.requests.append((self.command, path))
         try:
             body = self._read_body()  # always drain the body first, so keep-alive stays in sync
+            if "create_pr=" in urlsplit(self.path).query:
+                raise HubError(400, "create_pr is not supported by this test server")
             for method, pattern, name in _ROUTES:
                 m = re.fullmatch(pattern, path)
                 if m and method == self.command:
-                    if name in ("lfs_put", "lfs_verify"):  # pre-signed URLs on the real Hub: no token
-                        pass
-                    else:
+                    if name not in ("lfs_put", "lfs_verify"):  # those are pre-signed URLs on the real Hub
                         self._check_token(hub)
                     params = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
                     params.setdefault("type", "models")
                     status, payload = getattr(self, f"_h_{name}")(hub, body, **params)
                     return self._send(status, payload)
             raise HubError(404, f"no such endpoint: {self.command} {path}")
-        except HubError as e:
-            self._send(e.status, {"error": e.message, **e.extra}, {"X-Error-Message": e.message, "X-Error-Code": e.code})
+        except Exception as e:  # a clean JSON error, never a dropped connection
+            e = e if isinstance(e, HubError) else HubError(500, f"{type(e).__name__}: {e}")
+            headers = {"X-Error-Message": e.message, "X-Error-Code": e.code}
+            self._send(e.status, {"error": e.message, **e.extra}, headers)
+
+    do_GET = do_POST = do_PUT = _dispatch
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            chunks = []
-            while (size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)) > 0:
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()  # CRLF after each chunk
-            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                pass
-            return b"".join(chunks)
+        if self.headers.get("Transfer-Encoding"):  # huggingface_hub always sends a Content-Length
+            self.close_connection = True
+            raise HubError(411, "this test server needs a Content-Length (no chunked bodies)")
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _send(self, status: int, payload, headers: dict | None = None) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in {"Content-Type": "application/json", "Content-Length": len(data), **(headers or {})}.items():
             if v is not None:
-                self.send_header(k, v)
+                self.send_header(k, str(v))
         self.end_headers()
         self.wfile.write(data)
 
@@ -193,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         if hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
             raise HubError(401, "Invalid credentials in Authorization header", "Unauthorized")
 
-    def _base(self) -> str:
+    def _base(self) -> str:  # the client's own endpoint: it parses repo ids out of the URLs it gets back
         return f"http://{self.headers.get('Host')}"
 
     def _repo_url(self, repo_type: str, repo_id: str) -> str:
@@ -216,11 +187,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_create_repo(self, hub, body, type):
         req = json.loads(body or b"{}")
         repo_type = (req.get("type") or "model") + "s"
-        repo_id = "/".join(p for p in (req.get("organization"), req.get("name")) if p)
-        for part in repo_id.split("/"):
-            _safe_path(part)
-        url = self._repo_url(repo_type, repo_id)
-        d = hub.repo_dir(repo_type, repo_id)
+        repo_id = str(_safe_path("/".join(p for p in (req.get("organization"), req.get("name")) if p)))
+        url, d = self._repo_url(repo_type, repo_id), hub.repo_dir(repo_type, repo_id)
         with hub.lock:
             if d.exists():
                 raise HubError(409, f"You already created this {repo_type[:-1]} repo", url=url)  # client reads url
@@ -236,16 +204,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_repo_info(self, hub, body, type, repo, rev="main"):
         d = self._existing_repo(hub, type, repo)
         sha = self._branch_head(d, rev)
-        files = git(d, "ls-tree", "-r", "--name-only", sha).splitlines()
         when = datetime.fromtimestamp(int(git(d, "log", "-1", "--format=%ct", sha)), timezone.utc)
         date = when.strftime("%Y-%m-%dT%H:%M:%S.000Z")  # the only format huggingface_hub parses
         return 200, {"id": repo, "sha": sha, "private": False, "tags": [], "lastModified": date,
-                     "siblings": [{"rfilename": f} for f in files]}
+                     "siblings": [{"rfilename": f} for f in git(d, "ls-tree", "-r", "--name-only", sha).splitlines()]}
 
     def _h_preupload(self, hub, body, type, repo, rev):
         self._branch_head(self._existing_repo(hub, type, repo), rev)
-        if "create_pr" in (urlsplit(self.path).query or ""):
-            raise HubError(400, "create_pr is not supported by this test server")
         files = []
         for f in json.loads(body)["files"]:
             lfs = f["path"].endswith(LFS_SUFFIXES) or int(f["size"]) > LFS_MIN_SIZE
@@ -254,8 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _h_lfs_batch(self, hub, body, type, repo):
         self._existing_repo(hub, type, repo)
-        req = json.loads(body)
-        if req.get("operation") != "upload":
+        if (req := json.loads(body)).get("operation") != "upload":
             raise HubError(400, "only the 'upload' operation is supported")
         objects = []
         for o in req["objects"]:
@@ -270,9 +234,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _h_lfs_put(self, hub, body, type, oid):
         if hashlib.sha256(body).hexdigest() != oid:
             raise HubError(400, f"uploaded bytes do not hash to {oid}")
-        tmp = hub.lfs_dir / f".{oid}.{threading.get_ident()}"
-        tmp.write_bytes(body)
-        tmp.replace(hub.lfs_dir / oid)
+        (hub.lfs_dir / oid).write_bytes(body)
         return 200, None
 
     def _h_lfs_verify(self, hub, body, type, oid):
@@ -283,41 +245,41 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _h_commit(self, hub, body, type, repo, rev):
         d = self._existing_repo(hub, type, repo)
-        if "create_pr" in (urlsplit(self.path).query or ""):
-            raise HubError(400, "create_pr is not supported by this test server")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "commit payload must start with a 'header' line")
         header, ops, record = lines[0]["value"], [], {"repo": repo, "files": [], "lfs_files": [], "deleted": []}
-        for line in lines[1:]:  # validate everything before touching the repo
+        for line in lines[1:]:  # validate everything, resolve LFS oids, before touching the repo
             key, v = line["key"], line["value"]
             path = _safe_path(v["path"].strip("/"))
             if key == "file":
-                ops.append(("write", path, base64.b64decode(v["content"])))
+                ops.append((path, base64.b64decode(v["content"])))
                 record["files"].append(str(path))
             elif key == "lfsFile":
                 src = hub.lfs_dir / v["oid"]
                 if not src.is_file() or ("size" in v and src.stat().st_size != v["size"]):
                     raise HubError(400, f"LFS object {v['oid']} for {path} was never uploaded")
-                ops.append(("write", path, src.read_bytes()))
+                ops.append((path, src))
                 record["lfs_files"].append(str(path))
             elif key in ("deletedFile", "deletedFolder"):
-                ops.append(("delete", path, None))
+                ops.append((path, None))
                 record["deleted"].append(str(path))
             else:
                 raise HubError(400, f"unsupported commit operation {key!r}")
         with hub.lock:
-            head = self._branch_head(d, rev)
-            parent = header.get("parentCommit")
+            head, parent = self._branch_head(d, rev), header.get("parentCommit")
             if parent and not head.startswith(parent):
                 raise HubError(412, f"parent commit {parent} is not the head of {rev} ({head})")
             git(d, "checkout", "-q", rev)
             try:
-                for op, path, data in ops:
+                for path, data in ops:  # data: inline bytes, a stored LFS object, or None to delete
                     target = d / path
-                    if op == "write":
+                    if data is not None:
                         target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(data)
+                        if isinstance(data, bytes):
+                            target.write_bytes(data)
+                        else:
+                            shutil.copyfile(data, target)
                     elif target.is_dir():
                         shutil.rmtree(target)
                     elif target.exists():
@@ -327,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
                 git(d, "add", "-A")
                 message = [header.get("summary") or "Update", header.get("description") or ""]
                 git(d, "commit", "-q", "--allow-empty", *(a for m in message if m for a in ("-m", m)))
-            except HubError:  # all or nothing, like the Hub: drop the half-applied working tree
+            except Exception:  # all or nothing, like the Hub: drop the half-applied working tree
                 git(d, "reset", "-q", "--hard")
                 git(d, "clean", "-qfd")
                 raise

@@ -59,8 +59,15 @@ def test_push_then_download_through_olah_is_byte_identical(hub_stack, hub_env, t
     assert commit["oid"] == head and "model.safetensors" in commit["lfs_files"], commit
     assert "config.json" in commit["files"], commit
     puts = [p for m, p in hub_stack.upload.requests if m == "PUT" and p.startswith("/lfs-objects/")]
-    assert f"/lfs-objects/{local['model.safetensors']}" in puts
+    assert puts == [f"/lfs-objects/{local['model.safetensors']}"], puts
     assert file_digests(folder) == local, "push modified the local folder"
+
+    # Pushing again (re-running `hf-ext push`) goes through create_repo's 409 "exists" path, and the LFS batch
+    # reports the object as already stored, so it is not uploaded twice.
+    url2 = hf_hub_ext.push(folder, repo_id, endpoint=hub_stack.upload_url, token=HUB_TOKEN)
+    head = hub_stack.upload.commits[-1]["oid"]
+    assert url2 == f"{hub_stack.upload_url}/{repo_id}/commit/{head}" != url
+    assert [p for m, p in hub_stack.upload.requests if m == "PUT"] == puts
 
     # Read it back through olah, resolving the branch "main" there.
     snap = Path(snapshot_download(repo_id, endpoint=hub_stack.olah_url, revision="main",

@@ -60,14 +60,17 @@ class MLARotaryEmbedding(nn.Module):
 
     def __init__(self, config: MLAConfig):
         super().__init__()
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "default":
-            base = config.rope_parameters["rope_theta"]
-            d = config.head_dim
-            inv_freq, self.attention_scaling = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.config = config
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config):
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
+        base, d = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
 
     @torch.no_grad()
     def forward(self, x, position_ids):
@@ -100,8 +103,12 @@ class MLAAttention(nn.Module):
         self.kv_a_proj = nn.Linear(config.hidden_size, self.r + self.n_rope * self.d_r, bias=config.attention_bias)
         self.kv_b_proj = nn.Linear(self.r, self.num_heads * (self.d_n + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.d_v, config.hidden_size, bias=config.o_proj_bias)
-        idx = config.rope_freq_index[layer_idx] if config.rope_freq_index else [list(range(self.d_r // 2))] * self.n_rope
-        self.register_buffer("rope_freq_index", torch.tensor(idx, dtype=torch.long), persistent=False)  # (n_rope, d_r/2)
+        self.register_buffer("rope_freq_index", self.compute_freq_index(), persistent=False)  # (n_rope, d_r/2)
+
+    def compute_freq_index(self):
+        cfg = self.config
+        idx = cfg.rope_freq_index[self.layer_idx] if cfg.rope_freq_index else [list(range(self.d_r // 2))] * self.n_rope
+        return torch.tensor(idx, dtype=torch.long)
 
     def _queries(self, x):
         return self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_proj(x))
@@ -220,6 +227,15 @@ class MLAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # q/k (d_n + d_r) and v (d_v) widths differ
     _supports_attention_backend = True
 
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # from_pretrained builds on the meta device; non-persistent buffers are re-derived from the config.
+        if isinstance(module, MLARotaryEmbedding):
+            module.inv_freq.copy_(module.compute_inv_freq(module.config)[0])
+        elif isinstance(module, MLAAttention):
+            module.rope_freq_index.copy_(module.compute_freq_index())
+
 
 class MLAModel(MLAPreTrainedModel):
     def __init__(self, config: MLAConfig):
@@ -232,8 +248,9 @@ class MLAModel(MLAPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, past_key_values=None, **kwargs):
+                use_cache=None, past_key_values=None, output_hidden_states=None, **kwargs):
         cache = cache if cache is not None else past_key_values
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -249,12 +266,17 @@ class MLAModel(MLAPreTrainedModel):
                          cache=cache, position_ids=position_ids)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden = []
         for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, position_embeddings, mask, cache)
             else:
                 hidden_states = layer(hidden_states, position_embeddings, mask, cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache,
+                                       hidden_states=(*all_hidden, hidden_states) if output_hidden_states else None)
 
 
 class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
@@ -286,7 +308,7 @@ class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
 
 def latent_cache_bytes(cache) -> int:

@@ -8,6 +8,8 @@ dims (i, i + D/2) at frequency theta_i. Keys of all KV heads concatenated give a
                           Mixing heads with one real matrix per frequency commutes with RoPE, so the
                           rotated keys are exact; the positional energy concentrates in few components.
 - ``rope_sensitivity``    how much a RoPE pair's rotation matters over a context: rms of |2 sin(theta*d/2)|.
+- ``mean_rotation``       E[R(-theta d)] over attention distances: the position-free stand-in for a pair
+                          that leaves RoPE (MSE-optimal in expectation over d).
 - ``weighted_lowrank``    the rank-r factorisation [K_nope; V] ~ W_up @ W_down that minimises the output
                           error E||D (M - W_up W_down) x||^2 for a row weighting D and input moment C.
 - ``mla_attention_naive`` / ``mla_attention_absorbed``: reference MLA attention, expanded and absorbed.
@@ -65,6 +67,20 @@ def rope_sensitivity(inv_freq: torch.Tensor, horizon: int) -> torch.Tensor:
     treating a pair as position-free. ~0 for the slowest frequencies, ~sqrt(2) for fast ones."""
     d = torch.arange(1, horizon + 1, dtype=torch.float64)
     return (2 * torch.sin(inv_freq.double()[:, None] * d / 2)).pow(2).mean(-1).sqrt()
+
+
+def mean_rotation(inv_freq: torch.Tensor, p_delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_p[cos(theta * d)], E_p[sin(theta * d)] per frequency, for distances d ~ p_delta (d = t - s >= 0).
+
+    A pair that leaves RoPE scores q^T R(-theta d) k at distance d. The best position-free stand-in,
+    in expectation over d, is q^T M k with M = E[R(-theta d)] = [[c, s], [-s, c]]: the query pair
+    becomes (c*q_a - s*q_b, s*q_a + c*q_b). Fast pairs average out (M ~ 0), slow ones stay (M ~ I).
+    The squared error left, 1 - c^2 - s^2, is the pair's rotation variance.
+    """
+    d = torch.arange(len(p_delta), dtype=torch.float64)
+    ang = d[:, None] * inv_freq.double()[None]                              # (n_d, n_freq)
+    p = p_delta.double()[:, None] / p_delta.sum()
+    return (p * ang.cos()).sum(0), (p * ang.sin()).sum(0)
 
 
 def psd_sqrt(A: torch.Tensor, inverse: bool = False, eps: float = 1e-6) -> torch.Tensor:

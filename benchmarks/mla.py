@@ -1,0 +1,186 @@
+"""MLA upcycling benchmark: quality vs KV ratio per init, distillation curve, cache memory, decode speed.
+
+    python benchmarks/mla.py                                   # CPU, every section, real SmolLM2-135M
+    python benchmarks/mla.py --sections speed,memory --device cuda --dtype bfloat16 \\
+        --contexts 1024,4096,16384 --out benchmarks/results/mla_gpu.json
+
+Held-out text is python-docs:eval (never used for calibration, distillation or choosing defaults;
+defaults were chosen on a validation slice at the end of python-docs:train). Every comparison runs
+side by side in one process; speed is reported as MLA / source ratios too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_ext.eval import window_nll  # noqa: E402
+from hf_ext.mla import UpcycleConfig, upcycle_to_mla  # noqa: E402
+from hf_ext.mla.distill import DistillConfig, distill  # noqa: E402
+from hf_ext.mla.measure import decode_tokens_per_s, kv_bytes_per_token  # noqa: E402
+
+RATIOS = [2, 4, 6.4, 8, 10.6]
+INITS = {  # name -> UpcycleConfig fields (kv size set per ratio)
+    "mha2mla (per-KV-head RoPE, 2-norm, weight SVD)": dict(
+        qk_rope_head_dim=8, rope_key_sharing="per_kv_head", rope_rotation="none", rope_selection="2norm",
+        kv_init="svd", nope_rotation="none"),
+    "mha2mla + whitened SVD": dict(
+        qk_rope_head_dim=8, rope_key_sharing="per_kv_head", rope_rotation="none", rope_selection="2norm",
+        kv_init="whitened", nope_rotation="none"),
+    "rorope + 2-norm + whitened SVD (TransMLA-like)": dict(
+        rope_selection="2norm", kv_init="whitened", nope_rotation="none"),
+    "hf-ext default (rorope + qk_freq + mean rotation + qo-whitened)": dict(),
+}
+
+
+def ppl(model, ids, window=512):
+    total, count, _ = window_nll(model, ids, window, progress=False)
+    return math.exp(total / count)
+
+
+def load(args):
+    from transformers import AutoModelForCausalLM
+
+    if args.ids:
+        data = torch.load(args.ids)
+        path = args.model
+    else:
+        from hf_ext.eval import tokenize
+        from hf_ext.zoo import load_corpus, resolve_model
+
+        path = resolve_model(args.model)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        data = {"calib": tokenize(tok, load_corpus("python-docs:train"), args.calib_tokens),
+                "train": tokenize(tok, load_corpus("python-docs:train"), args.distill_tokens + 65536),
+                "eval": tokenize(tok, load_corpus("python-docs:eval"), args.eval_tokens)}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, data
+
+
+def section_quality(src, data, args, device):
+    rows = [{"init": "source (no compression)", "kv_ratio": 1.0, "ppl": ppl(src, data["eval"])}]
+    for name, kw in INITS.items():
+        for ratio in RATIOS:
+            t = time.perf_counter()
+            try:
+                mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=ratio, **kw), calib_ids=data["calib"], progress=False)
+                p = ppl(mla.to(device), data["eval"])
+            except Exception as e:  # a ratio an init cannot reach is a result, not a crash
+                rows.append({"init": name, "kv_ratio": ratio, "ppl": f"n/a ({str(e).split(';')[0]})"})
+                continue
+            rows.append({"init": name, "kv_ratio": round(rep["kv_ratio"], 2), "kv_lora_rank": rep["kv_lora_rank"],
+                         "ppl": p, "seconds": time.perf_counter() - t})
+            print(rows[-1], flush=True)
+    return {"note": f"Training-free held-out perplexity on {len(data['eval'])} python-docs:eval tokens "
+                    f"(windows of 512), calibration {len(data['calib'])} python-docs:train tokens.", "rows": rows}
+
+
+def section_distill(src, data, args, device):
+    mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
+    mla, src = mla.to(device), src.to(device)
+    cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+    per_step = cfg.seq_len * cfg.batch_size
+    steps = cfg.tokens // per_step
+    marks = sorted({max(1, round(steps * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)})
+    rows = [{"distill_tokens": 0, "ppl": ppl(mla, data["eval"].to(device))}]
+
+    def on_step(step, tokens):
+        if step in marks:
+            mla.eval()
+            rows.append({"distill_tokens": tokens, "ppl": ppl(mla, data["eval"].to(device))})
+            print(rows[-1], flush=True)
+
+    from accelerate import Accelerator
+
+    log = distill(mla, src, data["train"][len(data["calib"]):], cfg, progress=False, on_step=on_step,
+                  accelerator=Accelerator(mixed_precision=args.mixed_precision, cpu=device == "cpu"))
+    src_ppl = ppl(src, data["eval"].to(device))
+    for r in rows:
+        r["ppl_over_source"] = r["ppl"] / src_ppl
+    return {"note": f"kv_ratio {rep['kv_ratio']:.2f}, default init, KL(teacher||student) on logits, only attention "
+                    f"weights train; lr {cfg.lr}, {cfg.batch_size}x{cfg.seq_len} tokens/step, "
+                    f"{log['tokens_per_s']:.0f} tokens/s, {log['seconds']:.0f} s on {device}; source ppl {src_ppl:.3f}.",
+            "rows": rows}
+
+
+def section_memory(src, data, args, device):
+    mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
+    prompt = data["eval"][:64][None]
+    b_src, b_mla = kv_bytes_per_token(src, prompt), kv_bytes_per_token(mla, prompt)
+    budget = 8 * 2 ** 30
+    rows = [{"model": "source (DynamicCache)", "kv_bytes_per_token_per_layer": b_src},
+            {"model": "MLA 6.4x (MLALatentLayer)", "kv_bytes_per_token_per_layer": b_mla},
+            {"model": "ratio source / MLA", "kv_bytes_per_token_per_layer": b_src / b_mla}]
+    L = src.config.num_hidden_layers
+    batch_rows = [{"model": m, "context": 16384, "max_batch_in_8GiB_cache": int(budget // (b * L * 16384))}
+                  for m, b in (("source", b_src), ("MLA 6.4x", b_mla))]
+    return {"note": "Bytes measured on the cache tensors generate() leaves behind (fp32). Max batch: the largest "
+                    "batch whose measured cache fits an 8 GiB budget at 16k context.", "rows": rows + batch_rows}
+
+
+def section_speed(src, data, args, device):
+    dtype = getattr(torch, args.dtype)
+    mla, _ = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
+    src_d, mla_d = src.to(device, dtype), mla.to(device, dtype)
+    rows = []
+    for batch in [int(b) for b in args.speed_batches.split(",")]:
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            res = {}
+            for name, m in (("source", src_d), ("mla", mla_d)):
+                runs = [decode_tokens_per_s(m, ctx, args.new_tokens, batch=batch, device=device) for _ in range(3)]
+                res[name] = sorted(runs)[1]
+            rows.append({"context": ctx, "batch": batch, "source_tok_s": res["source"], "mla_tok_s": res["mla"],
+                         "mla_over_source": res["mla"] / res["source"]})
+            print(rows[-1], flush=True)
+    return {"note": f"Greedy decode tokens/s after a prefill (excluded), median of 3, {args.new_tokens} new tokens, "
+                    f"{args.dtype} on {device}; MLA decodes absorbed over its latent cache.", "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ids", help="a torch file with calib/train/eval token ids (machines without the corpus)")
+    ap.add_argument("--sections", default="quality,distill,memory,speed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--mixed-precision", default="no")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--distill-tokens", type=int, default=131072)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--contexts", default="1024,4096")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--speed-batches", default="1")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    src, data = load(args)
+    sections = {}
+    titles = {"quality": "Quality vs KV ratio (training-free)", "distill": "Distillation at 6.4x",
+              "memory": "KV-cache memory", "speed": "Decode speed"}
+    for name in args.sections.split(","):
+        t = time.perf_counter()
+        sections[titles[name]] = globals()[f"section_{name}"](src, data, args, args.device)
+        print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    result = {"title": f"MLA upcycling of {args.model} ({args.device})", "command": "python " + " ".join(sys.argv),
+              "machine": gpu or f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+              "sections": sections}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=float))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""`hf-ext convert mla`: upcycle a Llama-family checkpoint to MLA, optionally distil, verify, save, push."""
+from __future__ import annotations
+
+import sys
+
+from .common import add_eval_args, add_json_arg, add_output_args, emit, maybe_push
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("mla", help="upcycle attention to Multi-head Latent Attention (latent KV cache)")
+    p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder or Hub repo id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--kv-ratio", type=float, help="target KV compression vs the source (default 6.4)")
+    g.add_argument("--kv-lora-rank", type=int, help="latent width r")
+    g.add_argument("--energy", type=float, help="smallest rank keeping this energy fraction")
+    g.add_argument("--lossless", action="store_true", help="full rank, every RoPE dim: reproduces the source")
+    p.add_argument("--rope-dim", type=int, default=24, help="qk_rope_head_dim, even (default 24)")
+    p.add_argument("--rope-sharing", choices=["shared", "per_kv_head"], default="shared")
+    p.add_argument("--rope-rotation", choices=["rorope", "none"], default=None,
+                   help="default: rorope for shared keys, none per KV head")
+    p.add_argument("--rope-selection", choices=["qk_freq", "2norm", "high_freq"], default="qk_freq")
+    p.add_argument("--kv-init", choices=["qo_whitened", "whitened", "svd"], default="qo_whitened")
+    p.add_argument("--nope-rotation", choices=["mean", "none"], default="mean")
+    p.add_argument("--key-weight", type=float, default=4.0, help="key vs value error weight (default 4)")
+    p.add_argument("--calib-text", default="python-docs:train", help="calibration text (default python-docs:train)")
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--distill-tokens", type=int, default=0, help="distillation tokens after upcycling (default 0)")
+    p.add_argument("--train-text", default="python-docs:train", help="distillation text (default python-docs:train)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--checkpoint-dir", help="save/resume distillation state here")
+    add_output_args(p)
+    add_eval_args(p)
+    add_json_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    import torch
+
+    from hf_ext.eval import perplexity, tokenize
+    from hf_ext.hub import check_output_dir, render_card, save_converted
+    from hf_ext.mla import UpcycleConfig, upcycle_to_mla
+    from hf_ext.mla.distill import DistillConfig, distill
+    from hf_ext.mla.measure import kv_bytes_per_token
+    from hf_ext.zoo import HUB_IDS, load_causal_lm, load_corpus
+
+    check_output_dir(args.out, args.overwrite)
+    eval_text = load_corpus(args.eval_text)
+    model, tok = load_causal_lm(args.model)
+    if args.lossless:
+        ucfg = UpcycleConfig.lossless(model.config)
+    else:
+        ucfg = UpcycleConfig(kv_ratio=args.kv_ratio if not (args.kv_lora_rank or args.energy) else None,
+                             kv_lora_rank=args.kv_lora_rank, energy=args.energy, qk_rope_head_dim=args.rope_dim,
+                             rope_key_sharing=args.rope_sharing, rope_selection=args.rope_selection,
+                             rope_rotation=args.rope_rotation or ("rorope" if args.rope_sharing == "shared" else "none"),
+                             kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight)
+        if ucfg.kv_ratio is None and ucfg.kv_lora_rank is None and ucfg.energy is None:
+            ucfg.kv_ratio = 6.4
+    calib = tokenize(tok, load_corpus(args.calib_text), args.calib_tokens) if ucfg.needs_calibration() else None
+    mla, report = upcycle_to_mla(model, ucfg, calib_ids=calib)
+    ev = dict(max_tokens=args.max_tokens, window=args.window)
+    ppl_src = perplexity(model, tok, eval_text, **ev)["ppl"]
+    ppl_up = perplexity(mla, tok, eval_text, **ev)["ppl"]
+    result = {"model": args.model, **{k: report[k] for k in ("kv_values_per_token_source", "kv_values_per_token", "kv_ratio")},
+              "ppl_source": ppl_src, "ppl_upcycled": ppl_up, "ppl_converted": ppl_up, "distill_tokens": 0}
+    if args.distill_tokens > 0:
+        train_ids = tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
+        log = distill(mla, model, train_ids, DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len,
+                      batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir))
+        result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
+                      distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"])
+    prompt = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
+    result["kv_bytes_per_token_source"] = kv_bytes_per_token(model, prompt)
+    result["kv_bytes_per_token"] = kv_bytes_per_token(mla, prompt)
+    result.update({k: report[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "rope_key_sharing", "rope_rotation",
+                                          "rope_selection", "kv_init", "calib_tokens", "energy_kept_mean")})
+    result.update(eval_text=args.eval_text, eval_tokens=args.max_tokens, window=args.window)
+    card = render_card("mla", base_model=HUB_IDS.get(args.model, str(args.model)), base_model_relation="finetune",
+                       metrics=result, tags=["mla", "kv-cache-compression"], model_name=f"{args.model} MLA "
+                       f"(KV cache {result['kv_ratio']:.1f}x smaller)")
+    out = save_converted(mla, args.out, tokenizer=tok, card=card, overwrite=args.overwrite, report=result)
+    url = maybe_push(args, out)
+    if url:
+        result["pushed"] = url
+    print(f"saved {out}", file=sys.stderr)
+    emit({**result, "out": str(out)}, args.json)

@@ -1,0 +1,132 @@
+"""Distil an upcycled MLA student against its source (the teacher), through accelerate.
+
+Loss per token: KL(teacher || student) on the next-token distributions, plus optionally
+``hidden_mse`` times the MSE of the final hidden states. The same function runs on one CPU, one GPU or
+multi-GPU DDP (``accelerate launch``); checkpoints are accelerate states, so a run resumes exactly.
+
+Example:
+    >>> from hf_ext.mla.distill import distill, DistillConfig
+    >>> log = distill(mla, source, train_ids, DistillConfig(tokens=200_000))   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import HfExtError
+
+
+@dataclass
+class DistillConfig:
+    """Args:
+    tokens: training tokens in total (steps = tokens // (seq_len * batch_size)).
+    seq_len / batch_size: window length and windows per step (per process).
+    lr / warmup: AdamW peak learning rate, cosine-decayed after ``warmup`` fraction of steps.
+    trainable: "attention" (only the MLA attention weights), "all", or a comma list of name substrings.
+    hidden_mse: weight of the final-hidden-state MSE term (0 = logits KL only).
+    checkpoint_dir / checkpoint_every: where and how often (steps) to save accelerate state; resume from it.
+    """
+
+    tokens: int = 100_000
+    seq_len: int = 256
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup: float = 0.05
+    trainable: str = "attention"
+    hidden_mse: float = 0.0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def trainable_names(model, spec: str) -> list[str]:
+    names = [n for n, _ in model.named_parameters()]
+    if spec == "all":
+        return names
+    keys = ["self_attn."] if spec == "attention" else [s.strip() for s in spec.split(",") if s.strip()]
+    chosen = [n for n in names if any(k in n for k in keys)]
+    if not chosen:
+        raise HfExtError(f"trainable={spec!r} matches no parameter; use 'attention', 'all' or name substrings")
+    return chosen
+
+
+def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise HfExtError(f"training text gives {ids.numel()} tokens, fewer than one window of {seq_len}; give more text")
+    return ids.flatten()[: n * seq_len].view(n, seq_len)
+
+
+def distill(student, teacher, train_ids: torch.Tensor, config: DistillConfig | None = None,
+            progress: bool = True, accelerator=None, on_step=None) -> dict:
+    """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss.
+
+    ``on_step(step, tokens)`` is called after every optimiser step (e.g. to evaluate a learning curve);
+    the time it takes is excluded from ``seconds``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg = config or DistillConfig()
+    acc = accelerator or Accelerator()
+    set_seed(cfg.seed)
+    data = _windows(train_ids, cfg.seq_len)
+    steps = max(1, cfg.tokens // (cfg.seq_len * cfg.batch_size * acc.num_processes))
+    names = set(trainable_names(student, cfg.trainable))
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in names)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * steps), steps)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(math.ceil(steps * cfg.batch_size / len(data)) + 1)])
+    loader = torch.utils.data.DataLoader(data[order[: steps * cfg.batch_size * acc.num_processes]], batch_size=cfg.batch_size)
+    student.train()
+    student, opt, loader, sched = acc.prepare(student, opt, loader, sched)
+    teacher = teacher.to(acc.device).eval()
+    start = 0
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if ckpt is not None and (ckpt / "step.txt").exists():
+        acc.load_state(str(ckpt))
+        start = int((ckpt / "step.txt").read_text())
+    losses, t0, paused = [], time.perf_counter(), 0.0
+    it = iter(acc.skip_first_batches(loader, start) if start else loader)
+    bar = tqdm(range(start, steps), desc="mla: distill", unit="step", disable=not (progress and acc.is_main_process))
+    for step in bar:
+        x = next(it)
+        with torch.no_grad():
+            t_out = teacher(input_ids=x, output_hidden_states=cfg.hidden_mse > 0, use_cache=False)
+        s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
+        loss = F.kl_div(F.log_softmax(s_out.logits.float(), -1).flatten(0, 1),
+                        F.log_softmax(t_out.logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
+        if cfg.hidden_mse > 0:
+            loss = loss + cfg.hidden_mse * F.mse_loss(s_out.hidden_states[-1], t_out.hidden_states[-1])
+        acc.backward(loss)
+        acc.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{losses[-1]:.4f}")
+        if on_step is not None:
+            t_cb = time.perf_counter()
+            on_step(step + 1, (step + 1) * cfg.seq_len * cfg.batch_size * acc.num_processes)
+            student.train()
+            paused += time.perf_counter() - t_cb
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+            acc.save_state(str(ckpt))
+            if acc.is_main_process:
+                (ckpt / "step.txt").write_text(str(step + 1))
+    secs = time.perf_counter() - t0 - paused
+    done = steps - start
+    acc.unwrap_model(student).eval()
+    return {"steps": steps, "tokens": steps * cfg.seq_len * cfg.batch_size * acc.num_processes,
+            "seconds": secs, "tokens_per_s": done * cfg.seq_len * cfg.batch_size / max(secs, 1e-9),
+            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:]))}

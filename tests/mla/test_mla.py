@@ -1,0 +1,193 @@
+"""MLA: ops vs naive, lossless upcycling, absorbed == expanded, the latent cache in generate, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_causal_lm
+from hf_ext.mla import MLAForCausalLM, UpcycleConfig, UpcycleError, latent_cache_bytes, ops, upcycle_to_mla
+from helpers import run_without_hf_ext
+
+FAMILIES = ["llama", "mistral", "qwen2"]
+LOSSY = dict(kv_lora_rank=12, qk_rope_head_dim=4)  # tiny: 16 cached values vs the source's 32
+
+
+def calib(n=2048):
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(1))
+
+
+def upcycle(family="llama", **kw):
+    src = tiny_causal_lm(family)
+    uc = UpcycleConfig.lossless(src.config) if not kw else UpcycleConfig(**kw)
+    mla, report = upcycle_to_mla(src, uc, calib_ids=calib(), progress=False)
+    return src, mla, report
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def test_absorbed_attention_equals_naive():
+    g = torch.Generator().manual_seed(0)
+    H, T, S, d_n, d_r, d_v, r = 3, 4, 7, 5, 4, 6, 8
+    args = [torch.randn(*s, generator=g, dtype=torch.float64) for s in
+            [(H, T, d_n), (H, T, d_r), (S, r), (S, d_r), (H, d_n, r), (H, d_v, r)]]
+    a, b = ops.mla_attention_naive(*args, 0.3), ops.mla_attention_absorbed(*args, 0.3)
+    assert a.shape == (T, H, d_v) and torch.allclose(a, b, atol=1e-12)
+
+
+def test_rorope_rotation_commutes_with_rope():
+    g = torch.Generator().manual_seed(0)
+    n_kv, D, T = 3, 8, 5
+    k = torch.randn(T, n_kv * D, generator=g, dtype=torch.float64)        # pre-RoPE keys of all heads
+    R, energy = ops.rorope_rotation(k.T @ k / T, n_kv, D)
+    Tm = ops.rotation_matrix(R, n_kv, D)
+    assert torch.allclose(Tm @ Tm.T, torch.eye(n_kv * D, dtype=torch.float64), atol=1e-12)
+    assert (energy[:, :-1] >= energy[:, 1:]).all()                         # components sorted by energy
+    cos, sin = ops.rope_cos_sin(1.0 / 100 ** (torch.arange(0, D, 2) / D), torch.arange(T))
+    rope = lambda x: ops.apply_rope_naive(x.view(T, n_kv, D).transpose(0, 1), cos, sin).transpose(0, 1).reshape(T, -1)  # noqa: E731
+    assert torch.allclose(rope(k @ Tm.T), rope(k) @ Tm.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_weighted_lowrank_full_rank_is_exact_and_truncation_is_optimal(weighted):
+    g = torch.Generator().manual_seed(0)
+    M, X = torch.randn(10, 16, generator=g, dtype=torch.float64), torch.randn(200, 16, generator=g, dtype=torch.float64)
+    C = X.T @ X / 200
+    Dw = torch.diag(torch.rand(10, generator=g, dtype=torch.float64) + 0.5) if weighted else None
+    up, down, ev = ops.weighted_lowrank(M, C, 10, Dw)
+    assert torch.allclose(up @ down, M, atol=1e-10)
+    up, down, ev = ops.weighted_lowrank(M, C, 4, Dw)
+    W = Dw if weighted else torch.eye(10, dtype=torch.float64)
+    err = lambda A: (W @ (M - A) @ C @ (M - A).T @ W.T).trace()  # noqa: E731
+    assert err(up @ down) == pytest.approx(ev[4:].sum().item(), rel=1e-8)  # the discarded eigenvalues
+    assert err(up @ down) < err(torch.linalg.svd(M, full_matrices=False)[0][:, :4] @ torch.linalg.svd(M, full_matrices=False)[0][:, :4].T @ M) + 1e-9
+
+
+# ----------------------------------------------------------------------------------------- upcycle
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_upcycle_reproduces_source(family):
+    src, mla, report = upcycle(family)
+    x = torch.randint(0, 128, (2, 33))
+    with torch.no_grad():
+        assert torch.allclose(mla(x).logits, src(x).logits, atol=1e-4)
+    assert report["kv_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lossless_generate_matches_source(family):
+    src, mla, _ = upcycle(family)
+    x = torch.randint(0, 128, (1, 9))
+    a = src.generate(x, max_new_tokens=12, do_sample=False)
+    b = mla.generate(x, max_new_tokens=12, do_sample=False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sharing", ["shared", "per_kv_head"])
+def test_absorbed_decode_equals_expanded(sharing):
+    _, mla, _ = upcycle(rope_key_sharing=sharing, rope_rotation="rorope" if sharing == "shared" else "none", **LOSSY)
+    x = torch.randint(0, 128, (2, 20))
+    logits = {}
+    for mode in ("always", "never"):
+        mla.config.absorb = mode
+        with torch.no_grad():
+            out = mla(x[:, :12], use_cache=True)
+            steps = [out.logits[:, -1]]
+            for t in range(12, 20):
+                out = mla(x[:, t:t + 1], cache=out.cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+        logits[mode] = torch.stack(steps)
+    assert torch.allclose(logits["always"], logits["never"], atol=1e-4)
+
+
+def test_generate_absorbed_matches_expanded_and_cache_is_latent():
+    _, mla, _ = upcycle(**LOSSY)
+    x = torch.randint(0, 128, (2, 10))
+    mla.config.absorb = "auto"
+    out = mla.generate(x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    mla.config.absorb = "never"
+    ref = mla.generate(x, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out.sequences, ref)
+    cfg, T = mla.config, out.sequences.shape[1] - 1                         # the last token is never cached
+    assert type(out.cache.layers[0]).__name__ == "MLALatentLayer"
+    assert latent_cache_bytes(out.cache) == cfg.num_hidden_layers * 2 * T * cfg.kv_values_per_token * 4
+    assert cfg.kv_values_per_token == 16                                    # vs 2 * 2 * 8 = 32 in the source
+
+
+def test_left_padded_batch_matches_single_rows():
+    _, mla, _ = upcycle(**LOSSY)
+    a, b = torch.randint(1, 128, (1, 11)), torch.randint(1, 128, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    out = mla.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 11:], mla.generate(a, max_new_tokens=6, do_sample=False)[0, 11:])
+    assert torch.equal(out[1, 11:], mla.generate(b, max_new_tokens=6, do_sample=False)[0, 6:])
+
+
+def test_cache_crop_then_continue():
+    _, mla, _ = upcycle(**LOSSY)
+    x = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        cache = mla(x, use_cache=True).cache
+        cache.crop(-6)                                                      # drop the last 6 of 16
+        assert cache.get_seq_length() == 10 and cache.layers[0].keys.shape[2] == 10
+        step = mla(x[:, 10:11], cache=cache, use_cache=True).logits[:, -1]
+        ref = mla(x[:, :11]).logits[:, -1]
+    assert torch.allclose(step, ref, atol=1e-4)
+
+
+def test_beam_search_absorbed_equals_expanded():
+    _, mla, _ = upcycle(**LOSSY)
+    x = torch.randint(0, 128, (2, 7))
+    mla.config.absorb = "auto"
+    a = mla.generate(x, max_new_tokens=6, num_beams=3, do_sample=False)
+    mla.config.absorb = "never"
+    b = mla.generate(x, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_save_load_round_trip_and_remote_code(tmp_path):
+    _, mla, _ = upcycle(**LOSSY)
+    mla.save_pretrained(tmp_path)
+    back = MLAForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in mla.state_dict().items())
+    x = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        ref = mla(x).logits
+        assert torch.equal(back(x).logits, ref)
+    assert (tmp_path / "modeling_mla.py").exists()
+    got = run_without_hf_ext(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        x = torch.tensor({x.tolist()})
+        out = m.generate(x, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        print(json.dumps({{"logits": m(x).logits.tolist(), "cls": type(m).__name__,
+                          "layer": type(out.cache.layers[0]).__name__}}))
+    """)
+    assert got["cls"] == "MLAForCausalLM" and got["layer"] == "MLALatentLayer"
+    assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_unsupported_model_type_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    with pytest.raises(UpcycleError, match="supported: llama, mistral, qwen2"):
+        upcycle_to_mla(gpt2, UpcycleConfig(kv_ratio=2))
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(kv_lora_rank=999), "above the maximum"),
+    (dict(kv_lora_rank=8, qk_rope_head_dim=3), "even width"),
+    (dict(kv_ratio=1.0), "does not compress"),
+    (dict(kv_ratio=2, kv_lora_rank=4), "exactly one"),
+    (dict(kv_ratio=2, rope_key_sharing="per_kv_head"), "rope_rotation='none'"),
+])
+def test_bad_upcycle_config(kw, needle):
+    with pytest.raises(UpcycleError, match=needle):
+        upcycle_to_mla(tiny_causal_lm(), UpcycleConfig(**{"qk_rope_head_dim": 4, **kw}), calib_ids=calib())
+
+
+def test_short_calibration_says_how_much():
+    with pytest.raises(UpcycleError, match="at least 64"):
+        upcycle_to_mla(tiny_causal_lm(), UpcycleConfig(kv_ratio=2, qk_rope_head_dim=4), calib_ids=calib(20))
