@@ -16,7 +16,6 @@ Example:
 """
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 import shutil
@@ -64,7 +63,9 @@ def save_converted(model, out: str | os.PathLike, *, tokenizer=None, card=None, 
 
 
 def card_template(technique: str) -> Path:
-    path = Path(str(importlib.resources.files("model_cards") / f"{technique}.md"))
+    import model_cards
+
+    path = Path(model_cards.__file__).parent / f"{technique}.md"
     if not path.is_file():
         raise FileNotFoundError(f"no model card template model_cards/{technique}.md")
     return path

@@ -30,7 +30,10 @@ class MLAConfig(PreTrainedConfig):
         o_proj_bias (`bool`): bias on the output projection (a source value bias folds into it exactly).
         absorb (`str`): ``"auto"`` runs decode (one new token over a cache) absorbed, attending as MQA over
             the latent, and everything else expanded; ``"always"`` / ``"never"`` force one path.
-        layer_types (`list[str]`): ``"mla_latent"`` per layer, so ``generate()`` builds the latent cache.
+
+    ``layer_types`` is derived (``"mla_latent"`` per layer, so ``generate()`` builds the latent cache) and
+    never serialised: transformers' generic config loader, which AutoTokenizer uses when hf-ext is not
+    imported, only accepts its own layer types.
 
     Example:
         >>> from hf_ext.mla import MLAConfig, MLAForCausalLM
@@ -51,7 +54,7 @@ class MLAConfig(PreTrainedConfig):
                  softmax_scale=None, q_lora_rank=None, hidden_act="silu", max_position_embeddings=8192,
                  initializer_range=0.02, rms_norm_eps=1e-5, rope_parameters=None, attention_bias=False,
                  o_proj_bias=False, mlp_bias=False, attention_dropout=0.0, absorb="auto", sliding_window=None,
-                 layer_types=None, use_cache=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                 use_cache=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                  tie_word_embeddings=False, **kwargs):
         if rope_key_sharing not in ("shared", "per_kv_head"):
             raise ValueError(f"rope_key_sharing={rope_key_sharing!r}; use 'shared' or 'per_kv_head'")
@@ -74,23 +77,27 @@ class MLAConfig(PreTrainedConfig):
         self.use_cache = use_cache
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
-        # Set after the base __init__, whose strict validation allows only transformers' own layer types;
-        # "mla_latent" is ours (MLALatentLayer in modeling_mla), so generate() builds the latent cache.
-        self.layer_types = layer_types or ["mla_latent"] * num_hidden_layers
-        self.validate_layer_type()
+        self._mla_ready = True  # from here on layer_types is visible (the base __init__ validated without it)
 
-    def validate_layer_type(self):
-        if getattr(self, "layer_types", None) is None:
-            return
-        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) != {"mla_latent"}:
-            raise ValueError(f"layer_types must be ['mla_latent'] * {self.num_hidden_layers}, got {self.layer_types}")
+    @property
+    def layer_types(self) -> list[str] | None:
+        return ["mla_latent"] * self.num_hidden_layers if self.__dict__.get("_mla_ready") else None
+
+    @layer_types.setter
+    def layer_types(self, value):
+        if value is not None and list(value) != ["mla_latent"] * self.num_hidden_layers:
+            raise ValueError(f"layer_types of an MLA model is ['mla_latent'] * num_hidden_layers, got {value}")
 
     def validate(self):
-        """The base class's validators (run at save time), with our layer-type check in place of its allow-list."""
+        """The base validators (run again at save time), minus the allow-list of transformers' layer types."""
         for validator in PreTrainedConfig.__class_validators__:
             if validator.__name__ != "validate_layer_type":
                 validator(self)
-        self.validate_layer_type()
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("_mla_ready", None)
+        return out
 
     @property
     def n_rope_heads(self) -> int:

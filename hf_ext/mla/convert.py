@@ -81,7 +81,7 @@ class UpcycleConfig:
         """Every RoPE dim kept per KV head, full rank: the MLA model equals the source."""
         D, n_kv = _head_dim(source_config), source_config.num_key_value_heads
         return cls(kv_lora_rank=n_kv * D, qk_rope_head_dim=D, rope_key_sharing="per_kv_head",
-                   rope_rotation="none", kv_init="svd", nope_rotation="none")
+                   rope_rotation="none", rope_selection="high_freq", kv_init="svd", nope_rotation="none")
 
     def needs_calibration(self) -> bool:
         return (self.kv_init != "svd" or self.rope_selection != "high_freq" or self.rope_rotation != "none"

@@ -103,6 +103,8 @@ def weighted_lowrank(M: torch.Tensor, C: torch.Tensor | None, rank: int, Dw: tor
     evals, evecs = torch.linalg.eigh((S + S.T) / 2)
     order = evals.argsort(descending=True)
     evals, U = evals[order].clamp_min(0), evecs[:, order[:rank]]          # (o,), (o, r)
+    if rank >= M.shape[0]:  # full rank needs no approximation: W_down = M exactly, no rounding through U
+        return torch.eye(M.shape[0], rank, dtype=M.dtype), torch.cat([M, M.new_zeros(rank - M.shape[0], M.shape[1])]), evals
     W_down = U.T @ Y
     W_up = U if Dw is None else torch.linalg.solve(Dw, U)
     return W_up, W_down, evals

@@ -62,7 +62,7 @@ def test_real_cli_convert_mla_json_card_and_remote_code(tmp_path, capsys):
         import json, torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
-        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        tok = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)
         x = tok("def fibonacci(n):", return_tensors="pt", add_special_tokens=False)
         o = m.generate(**x, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
         print(json.dumps({{"tokens": o.sequences[0].tolist(), "layer": type(o.cache.layers[0]).__name__,
