@@ -49,7 +49,7 @@ def load(args):
     from transformers import AutoModelForCausalLM
 
     if args.ids:
-        data = torch.load(args.ids)
+        data = {k: v.long() for k, v in torch.load(args.ids).items()}
         path = args.model
     else:
         from hf_ext.eval import tokenize
@@ -62,7 +62,12 @@ def load(args):
         data = {"calib": tokenize(tok, load_corpus("python-docs:train"), args.calib_tokens),
                 "train": tokenize(tok, load_corpus("python-docs:train"), args.distill_tokens + 65536),
                 "eval": tokenize(tok, load_corpus("python-docs:eval"), args.eval_tokens)}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if args.random_init:  # speed and memory do not depend on weight values: real shapes, random weights
+        from transformers import AutoConfig
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, data
 
 
@@ -148,6 +153,7 @@ def section_speed(src, data, args, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random-init", action="store_true", help="real config, random weights (speed/memory only)")
     ap.add_argument("--ids", help="a torch file with calib/train/eval token ids (machines without the corpus)")
     ap.add_argument("--sections", default="quality,distill,memory,speed")
     ap.add_argument("--device", default="cpu")
@@ -165,6 +171,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = True  # the teacher runs in fp32 next to a bf16-autocast student
     src, data = load(args)
     sections = {}
     titles = {"quality": "Quality vs KV ratio (training-free)", "distill": "Distillation at 6.4x",
@@ -174,7 +181,8 @@ def main():
         sections[titles[name]] = globals()[f"section_{name}"](src, data, args, args.device)
         print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
-    result = {"title": f"MLA upcycling of {args.model} ({args.device})", "command": "python " + " ".join(sys.argv),
+    title = f"MLA upcycling of {Path(args.model).name} ({args.device}{', random-init weights' if args.random_init else ''})"
+    result = {"title": title, "command": "python " + " ".join(sys.argv),
               "machine": gpu or f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "sections": sections}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

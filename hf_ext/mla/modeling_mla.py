@@ -148,8 +148,9 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(c_kv[:, 0]).view(B, S, H, self.d_n + self.d_v).transpose(1, 2)  # (B, H, S, d_n + d_v)
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
         k_rope = k_rope.repeat_interleave(H // self.n_rope, dim=1)         # (B, H, S, d_r)
-        q = torch.cat([q_nope, q_rope], dim=-1)                             # (B, H, T, d_n + d_r)
-        k = torch.cat([k_nope, k_rope], dim=-1)                             # (B, H, S, d_n + d_r)
+        pad = -(self.d_n + self.d_r) % 8  # zero dims change no score and let fused SDPA kernels run
+        q = torch.cat([q_nope, q_rope, q_nope.new_zeros(B, H, T, pad)], dim=-1)  # (B, H, T, d_qk)
+        k = torch.cat([k_nope, k_rope, k_nope.new_zeros(B, H, S, pad)], dim=-1)  # (B, H, S, d_qk)
         attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         out, _ = attn(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                       scaling=self.scaling, **kwargs)
@@ -157,19 +158,22 @@ class MLAAttention(nn.Module):
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask, past_len):
         B, H, T, _ = q_nope.shape
-        S = c_kv.shape[2]
+        S, n_rope = c_kv.shape[2], self.n_rope
         w = self.kv_b_proj.weight.view(H, self.d_n + self.d_v, self.r)
         w_uk, w_uv = w[:, : self.d_n], w[:, self.d_n:]                      # (H, d_n, r), (H, d_v, r)
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)                # (B, H, T, r)
-        # MQA over the latent: one key/value "head" per RoPE head, queries grouped onto it.
-        q = torch.cat([q_lat, q_rope], dim=-1)                              # (B, H, T, r + d_r)
-        k = torch.cat([c_kv.expand(B, self.n_rope, S, self.r), k_rope], dim=-1)  # (B, n_rope, S, r + d_r)
-        v = c_kv.expand(B, self.n_rope, S, self.r)                          # (B, n_rope, S, r)
-        mask = _as_bool_mask(attention_mask, T, S, past_len, q.device)
-        out_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
-                                                 enable_gqa=self.n_rope != H)  # (B, H, T, r)
-        out = torch.einsum("bhtr,hdr->bthd", out_lat, w_uv)                 # (B, T, H, d_v)
-        return out
+        # MQA over the latent with no copy of the cache: heads fold into query rows, so each score is
+        # one matmul against c_kv (shared by all heads) plus one against the head group's RoPE key.
+        scores = (q_lat.reshape(B, 1, H * T, self.r) @ c_kv.transpose(-1, -2)).view(B, H, T, S)
+        scores = scores + (q_rope.reshape(B, n_rope, (H // n_rope) * T, self.d_r)
+                           @ k_rope.transpose(-1, -2)).view(B, H, T, S)
+        scores = scores.float() * self.scaling                              # (B, H, T, S)
+        mask = _as_bool_mask(attention_mask, T, S, past_len, scores.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1).to(c_kv.dtype)
+        out_lat = (probs.view(B, 1, H * T, S) @ c_kv).view(B, H, T, self.r)  # (B, H, T, r)
+        return torch.einsum("bhtr,hdr->bthd", out_lat, w_uv)                 # (B, T, H, d_v)
 
 
 def _as_bool_mask(mask, T, S, past_len, device):
