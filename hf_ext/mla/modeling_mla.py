@@ -148,7 +148,10 @@ class MLAAttention(nn.Module):
         kv = self.kv_b_proj(c_kv[:, 0]).view(B, S, H, self.d_n + self.d_v).transpose(1, 2)  # (B, H, S, d_n + d_v)
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
         k_rope = k_rope.repeat_interleave(H // self.n_rope, dim=1)         # (B, H, S, d_r)
-        pad = -(self.d_n + self.d_r) % 8  # zero dims change no score and let fused SDPA kernels run
+        # Zero dims change no score and let fused SDPA kernels run at inference (without them a 16k
+        # prefill falls back to the math kernel). Training keeps the unpadded path: distillation through
+        # the padded fused bf16 kernel diverged on an H200 while the unpadded one converged.
+        pad = -(self.d_n + self.d_r) % 8 if not torch.is_grad_enabled() else 0
         q = torch.cat([q_nope, q_rope, q_nope.new_zeros(B, H, T, pad)], dim=-1)  # (B, H, T, d_qk)
         k = torch.cat([k_nope, k_rope, k_nope.new_zeros(B, H, S, pad)], dim=-1)  # (B, H, S, d_qk)
         attn = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
