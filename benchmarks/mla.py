@@ -171,7 +171,6 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = True  # the teacher runs in fp32 next to a bf16-autocast student
     src, data = load(args)
     sections = {}
     titles = {"quality": "Quality vs KV ratio (training-free)", "distill": "Distillation at 6.4x",

@@ -149,8 +149,8 @@ class MLAAttention(nn.Module):
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
         k_rope = k_rope.repeat_interleave(H // self.n_rope, dim=1)         # (B, H, S, d_r)
         # Zero dims change no score and let fused SDPA kernels run at inference (without them a 16k
-        # prefill falls back to the math kernel). Training keeps the unpadded path: distillation through
-        # the padded fused bf16 kernel diverged on an H200 while the unpadded one converged.
+        # prefill falls back to the math kernel). Training keeps the unpadded path, the one whose GPU
+        # distillation run converged (see BENCHMARKS.md).
         pad = -(self.d_n + self.d_r) % 8 if not torch.is_grad_enabled() else 0
         q = torch.cat([q_nope, q_rope, q_nope.new_zeros(B, H, T, pad)], dim=-1)  # (B, H, T, d_qk)
         k = torch.cat([k_nope, k_rope, k_nope.new_zeros(B, H, S, pad)], dim=-1)  # (B, H, S, d_qk)
