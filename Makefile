@@ -24,7 +24,7 @@ apt:
 install: $(VENV)/.installed apt
 
 demo: install
-	$(HFEXT) convert export --model smollm2-135m --out out/smollm2-135m --overwrite --json
+	$(HFEXT) convert mla --model smollm2-135m --kv-ratio 6.4 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc

@@ -42,6 +42,9 @@ def main() -> None:
              "Every figure comes from the script named in its section; rerun it to check.", ""]
     for f in sorted(RESULTS.glob("*.json")):
         parts.append(render(json.loads(f.read_text())))
+    device = RESULTS / "device" / "README.md"
+    if device.exists():  # raw device runs, kept with their commands and outcomes
+        parts.append(device.read_text().replace("\n# ", "\n## ", 1).replace("# H200", "## H200", 1))
     (HERE.parent / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
     print(f"wrote BENCHMARKS.md from {len(list(RESULTS.glob('*.json')))} result file(s)")
 
