@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conversion.cli import main
 from hf_ext import zoo

@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
 
 from ..errors import HfExtError
 from . import ops
@@ -310,7 +309,7 @@ def _copy_body(src, dst):
 @torch.no_grad()
 def _fill_attention(attn, p, w, r, d_n, H, n_kv, D, ucfg) -> float:
     """Write one layer's MLA weights from its plan. Returns the fraction of weighted energy kept."""
-    d_r, half = ucfg.qk_rope_head_dim, ucfg.qk_rope_head_dim // 2
+    d_r = ucfg.qk_rope_head_dim
     F = len(p["nope_idx"])
     W_up, W_down, evals = ops.weighted_lowrank(p["M"], p["C"], r, p["Dw"])  # (F+n_kv*D, r), (r, h)
     U_k, U_v = W_up[:F], W_up[F:]                                           # (F, r), (n_kv*D, r)
@@ -321,7 +320,7 @@ def _fill_attention(attn, p, w, r, d_n, H, n_kv, D, ucfg) -> float:
     hidden = w["Wq"].shape[1]
     Wq_heads = w["Wq"].view(H, D, hidden)
     bq_heads = None if w["bq"] is None else w["bq"].view(H, D)
-    q_rows, q_bias, kb_rows, uv_rows = [], [], [], []
+    q_rows, q_bias, kb_rows = [], [], []
     for h in range(H):
         g = int(p["g_of"][h])
         G_h = p["G"][h]                                                     # (n_kv*D, D) rotated slot of head h
