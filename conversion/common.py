@@ -24,6 +24,17 @@ def add_json_arg(p) -> None:
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the figures")
 
 
+def load_source(args):
+    """Cheap checks first (the --out folder, the eval text), then the source model: ``(text, model, tok)``."""
+    from hf_ext.hub import check_output_dir
+    from hf_ext.zoo import load_causal_lm, load_corpus
+
+    check_output_dir(args.out, args.overwrite)
+    text = load_corpus(args.eval_text)
+    model, tok = load_causal_lm(args.model)
+    return text, model, tok
+
+
 def emit(result: dict, as_json: bool) -> None:
     """Human-readable lines, then (with --json) the figures as the last stdout line."""
     for k, v in result.items():

@@ -5,7 +5,7 @@ and the main job of README command A until a technique takes its place.
 """
 from __future__ import annotations
 
-from .common import add_eval_args, add_json_arg, add_output_args, emit, maybe_push
+from .common import add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
 
 
 def add_parser(sub) -> None:
@@ -19,12 +19,10 @@ def add_parser(sub) -> None:
 
 def run(args) -> None:
     from hf_ext.eval import perplexity
-    from hf_ext.hub import check_output_dir, render_card, save_converted
-    from hf_ext.zoo import HUB_IDS, load_causal_lm, load_corpus
+    from hf_ext.hub import render_card, save_converted
+    from hf_ext.zoo import HUB_IDS
 
-    check_output_dir(args.out, args.overwrite)
-    text = load_corpus(args.eval_text)
-    model, tok = load_causal_lm(args.model)
+    text, model, tok = load_source(args)
     r = perplexity(model, tok, text, max_tokens=args.max_tokens, window=args.window)
     metrics = {"ppl": r["ppl"], "eval_tokens": r["tokens"], "eval_text": args.eval_text, "window": args.window,
                "params": sum(p.numel() for p in model.parameters())}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_eval_args, add_json_arg, add_output_args, emit, maybe_push
+from .common import add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
 
 
 def add_parser(sub) -> None:
@@ -40,15 +40,13 @@ def run(args) -> None:
     import torch
 
     from hf_ext.eval import perplexity, tokenize
-    from hf_ext.hub import check_output_dir, render_card, save_converted
+    from hf_ext.hub import render_card, save_converted
     from hf_ext.mla import UpcycleConfig, upcycle_to_mla
     from hf_ext.mla.distill import DistillConfig, distill
     from hf_ext.mla.measure import kv_bytes_per_token
-    from hf_ext.zoo import HUB_IDS, load_causal_lm, load_corpus
+    from hf_ext.zoo import HUB_IDS, load_corpus
 
-    check_output_dir(args.out, args.overwrite)
-    eval_text = load_corpus(args.eval_text)
-    model, tok = load_causal_lm(args.model)
+    eval_text, model, tok = load_source(args)
     if args.lossless:
         ucfg = UpcycleConfig.lossless(model.config)
     else:
