@@ -141,15 +141,17 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
     """Rotation, RoPE selection and the stacked [K_nope; V] matrix of one layer (no rank chosen yet)."""
     g_of = torch.arange(H) // (H // n_kv)                                   # KV head of each query head
     half, d_r = D // 2, ucfg.qk_rope_head_dim
-    K = second_moment_or_eye(w["Wk"], w["bk"], C, mu)
-    Q = second_moment_or_eye(w["Wq"], w["bq"], C, mu)
+    K = _moment(w["Wk"], w["bk"], C, mu)
+    Q = _moment(w["Wq"], w["bq"], C, mu)
+    if p_delta is not None:
+        c, s_ = ops.mean_rotation(inv_freq, p_delta)                         # (half,), (half,)
     if ucfg.rope_rotation == "rorope":
         R, k_energy = ops.rorope_rotation(K, n_kv, D)                        # (half, n_kv, n_kv), (half, n_kv)
     else:
         R = torch.eye(n_kv, dtype=torch.float64).expand(half, n_kv, n_kv).clone()
         k_energy = _pair_energy(K, n_kv, D)                                   # (half, n_kv)
     T = ops.rotation_matrix(R, n_kv, D)                                      # (n_kv*D, n_kv*D)
-    q_pair = _pair_energy_q(Q, H, D)                                         # (half, H)
+    q_pair = _pair_energy(Q, H, D)                                           # (half, H)
     # q energy of component (i, j): sum over heads of R[i, j, g(h)]^2 * E|q_{h,i}|^2
     q_comp = torch.einsum("ijh,ih->ijh", R[:, :, g_of] ** 2, q_pair)          # (half, n_kv, H)
     two_norm = (q_comp.sqrt().sum(-1)) * k_energy.sqrt()                     # (half, n_kv)
@@ -158,7 +160,6 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
     elif ucfg.rope_selection == "2norm":
         score = two_norm
     elif p_delta is not None:  # rotation variance under the measured attention distances
-        c, s_ = ops.mean_rotation(inv_freq, p_delta)
         score = two_norm * (1 - c ** 2 - s_ ** 2).clamp_min(0).sqrt()[:, None]
     else:
         score = two_norm * ops.rope_sensitivity(inv_freq, ucfg.rope_horizon)[:, None]
@@ -175,7 +176,6 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
     # Query of head h in the rotated key space: G_h (n_kv*D, D) = T[:, slot g(h)]
     G = torch.stack([T[:, g * D:(g + 1) * D] for g in g_of.tolist()])      # (H, n_kv*D, D)
     if ucfg.nope_rotation == "mean" and p_delta is not None:
-        c, s_ = ops.mean_rotation(inv_freq, p_delta)
         rope_pairs = {(i, j) for head in comps for i, j in head}
         for i in range(half):
             for j in range(n_kv):
@@ -185,7 +185,8 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
     return dict(R=R, T=T, comps=comps, nope_idx=nope_idx, Wk_rot=Wk_rot, bk_rot=bk_rot, M=M, G=G, Q=Q, g_of=g_of)
 
 
-def second_moment_or_eye(W, b, C, mu):
+def _moment(W, b, C, mu):
+    """E[y y^T] of y = W x + b; with no calibration (C None) the inputs count as white: W W^T."""
     return ops.second_moment(W, b, C, mu) if C is not None else W @ W.T
 
 
@@ -193,10 +194,6 @@ def _pair_energy(K, n_kv, D):
     half = D // 2
     diag = K.diagonal().view(n_kv, D)
     return (diag[:, :half] + diag[:, half:]).T                               # (half, n_kv)
-
-
-def _pair_energy_q(Q, H, D):
-    return _pair_energy(Q, H, D)                                             # (half, H)
 
 
 def _row_weight(plan, w, C, ucfg, H, n_kv, D):
