@@ -145,3 +145,20 @@ def test_real_zoo_models_load():
 
     enc = AutoModel.from_pretrained(zoo.resolve_model("minilm-l6"))
     assert sum(p.numel() for p in enc.parameters()) == pytest.approx(22.7e6, rel=0.01)
+
+
+@pytest.mark.real
+def test_real_gguf_to_safetensors_and_export_are_lossless(tmp_path, capsys):
+    """The zoo's cached fp32 folder and `convert export` reproduce the GGUF-dequantized model exactly."""
+    from transformers import AutoModelForCausalLM
+
+    m = zoo.MODELS["smollm2-135m"]
+    gguf = AutoModelForCausalLM.from_pretrained(zoo._package_dir(m), gguf_file=m.relpath, dtype=torch.float32).eval()
+    cached, _ = zoo.load_causal_lm("smollm2-135m")
+    assert main(["convert", "export", "--out", str(tmp_path / "x"), "--max-tokens", "64", "--window", "64"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "x", dtype=torch.float32).eval()
+    x = torch.arange(100, 164)[None]
+    with torch.no_grad():
+        ref = gguf(x).logits
+        assert torch.equal(cached(x).logits, ref) and torch.equal(exported(x).logits, ref)
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "x" / "README.md").read_text()
