@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
     g.add_argument("--lossless", action="store_true", help="full rank, every RoPE dim: reproduces the source")
     p.add_argument("--rope-dim", type=int, default=24, help="qk_rope_head_dim, even (default 24)")
     p.add_argument("--rope-sharing", choices=["shared", "per_kv_head"], default="shared")
-    p.add_argument("--rope-rotation", choices=["rorope", "none"], default=None,
-                   help="default: rorope for shared keys, none per KV head")
+    p.add_argument("--rope-rotation", choices=["auto", "rorope", "none"], default="auto",
+                   help="auto: rorope for shared keys on sources without per-head q/k norms, else none")
     p.add_argument("--rope-selection", choices=["qk_freq", "2norm", "high_freq"], default="qk_freq")
     p.add_argument("--kv-init", choices=["qo_whitened", "whitened", "svd"], default="qo_whitened")
     p.add_argument("--nope-rotation", choices=["mean", "none"], default="mean")
@@ -53,7 +53,7 @@ def run(args) -> None:
         ucfg = UpcycleConfig(kv_ratio=args.kv_ratio if not (args.kv_lora_rank or args.energy) else None,
                              kv_lora_rank=args.kv_lora_rank, energy=args.energy, qk_rope_head_dim=args.rope_dim,
                              rope_key_sharing=args.rope_sharing, rope_selection=args.rope_selection,
-                             rope_rotation=args.rope_rotation or ("rorope" if args.rope_sharing == "shared" else "none"),
+                             rope_rotation=args.rope_rotation,
                              kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight)
         if ucfg.kv_ratio is None and ucfg.kv_lora_rank is None and ucfg.energy is None:
             ucfg.kv_ratio = 6.4

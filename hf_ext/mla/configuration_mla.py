@@ -26,6 +26,11 @@ class MLAConfig(PreTrainedConfig):
         head_dim (`int`): head width of the *source* model; RoPE frequencies are those of this width.
         softmax_scale (`float`, *optional*): attention scale; defaults to ``head_dim ** -0.5`` as in the source.
         q_lora_rank (`int`, *optional*): when set, queries go through a rank-``q_lora_rank`` bottleneck.
+        qk_norm (`bool`): the source normalises every query and key head by an RMSNorm before RoPE (Qwen3).
+            Queries then keep the source projection and norm, followed by a per-head map, and keys keep
+            the source's per-head RMS scale: ``num_key_value_heads`` scales per token join the cache.
+        rope_head_index (`list[list[list[int]]]`, *optional*): with ``qk_norm``, the source KV head of each
+            rotary pair (same layout as ``rope_freq_index``), whose RMS scale that pair takes.
         attention_bias (`bool`): bias on the query and RoPE-key projections (Qwen2 has one).
         o_proj_bias (`bool`): bias on the output projection (a source value bias folds into it exactly).
         absorb (`str`): ``"auto"`` runs decode (one new token over a cache) absorbed, attending as MQA over
@@ -51,15 +56,17 @@ class MLAConfig(PreTrainedConfig):
     def __init__(self, vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, kv_lora_rank=44, qk_nope_head_dim=44,
                  qk_rope_head_dim=16, v_head_dim=64, rope_key_sharing="shared", rope_freq_index=None,
-                 softmax_scale=None, q_lora_rank=None, hidden_act="silu", max_position_embeddings=8192,
-                 initializer_range=0.02, rms_norm_eps=1e-5, rope_parameters=None, attention_bias=False,
-                 o_proj_bias=False, mlp_bias=False, attention_dropout=0.0, absorb="auto", sliding_window=None,
-                 use_cache=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                 softmax_scale=None, q_lora_rank=None, qk_norm=False, rope_head_index=None, hidden_act="silu",
+                 max_position_embeddings=8192, initializer_range=0.02, rms_norm_eps=1e-5, rope_parameters=None,
+                 attention_bias=False, o_proj_bias=False, mlp_bias=False, attention_dropout=0.0, absorb="auto",
+                 sliding_window=None, use_cache=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                  tie_word_embeddings=False, **kwargs):
         if rope_key_sharing not in ("shared", "per_kv_head"):
             raise ValueError(f"rope_key_sharing={rope_key_sharing!r}; use 'shared' or 'per_kv_head'")
         if qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim={qk_rope_head_dim} is odd; RoPE rotates pairs, use an even width")
+        if qk_norm and q_lora_rank is not None:
+            raise ValueError("qk_norm keeps the source query projection; it cannot be combined with q_lora_rank")
         if absorb not in ("auto", "always", "never"):
             raise ValueError(f"absorb={absorb!r}; use 'auto', 'always' or 'never'")
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -68,6 +75,7 @@ class MLAConfig(PreTrainedConfig):
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.rope_key_sharing, self.rope_freq_index = rope_key_sharing, rope_freq_index
+        self.qk_norm, self.rope_head_index = qk_norm, rope_head_index
         self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
         self.hidden_act, self.max_position_embeddings = hidden_act, max_position_embeddings
         self.initializer_range, self.rms_norm_eps = initializer_range, rms_norm_eps
@@ -105,5 +113,9 @@ class MLAConfig(PreTrainedConfig):
 
     @property
     def kv_values_per_token(self) -> int:
-        """Values cached per token per layer: the latent plus the RoPE key(s)."""
-        return self.kv_lora_rank + self.n_rope_heads * self.qk_rope_head_dim
+        """Values cached per token per layer: the latent, the RoPE key(s) and, with qk_norm, the key scales."""
+        return self.kv_lora_rank + self.n_rope_heads * self.qk_rope_head_dim + self.n_key_scales
+
+    @property
+    def n_key_scales(self) -> int:
+        return self.num_key_value_heads if self.qk_norm else 0

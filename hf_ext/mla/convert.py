@@ -1,4 +1,4 @@
-"""``upcycle_to_mla``: a Llama / Mistral / Qwen2 causal LM -> ``MLAForCausalLM``, training-free.
+"""``upcycle_to_mla``: a Llama / Mistral / Qwen2 / Qwen3 causal LM -> ``MLAForCausalLM``, training-free.
 
 Per layer:
 1. Calibration statistics of the attention input x: C = E[x x^T], mu = E[x].
@@ -18,7 +18,12 @@ Per layer:
    (it adds a per-query constant to the logits, which softmax ignores).
 
 With ``rope_key_sharing="per_kv_head"``, ``qk_rope_head_dim = head_dim`` and full rank, nothing is
-approximated and the MLA model reproduces the source (see ``lossless_config``).
+approximated and the MLA model reproduces the source (see ``UpcycleConfig.lossless``).
+
+Qwen3 (``qk_norm``) normalises each query and key head by an RMSNorm before RoPE. The MLA model keeps the
+source query path and the exact per-head key scale s_g = 1 / rms(W_K,g x) (cached, n_kv values per token);
+the latent approximates the gamma-weighted pre-norm keys, so attention sees s_g * (gamma . k), as the
+source does. RoRoPE is not used there: mixing heads before their own norm is not linear.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from .calibration import attention_distances, collect_stats
 from .configuration_mla import MLAConfig
 from .modeling_mla import MLAForCausalLM
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 MIN_CALIB_TOKENS_PER_HIDDEN = 2  # C = E[x x^T] needs well over `hidden` samples to be full rank
 
 
@@ -54,7 +59,8 @@ class UpcycleConfig:
         energy: keep the smallest r (max over layers) whose factorisation keeps this fraction of energy.
         qk_rope_head_dim: width of each decoupled RoPE key (even).
         rope_key_sharing: "shared" (one RoPE key, DeepSeek / X-EcoMLA) or "per_kv_head" (MHA2MLA).
-        rope_rotation: "rorope" (TransMLA's PCA across heads per frequency; shared keys only) or "none".
+        rope_rotation: "rorope" (TransMLA's PCA across heads per frequency; shared keys only), "none", or
+            "auto": rorope where it applies (shared keys, no per-head q/k norm), else none.
         rope_selection: "qk_freq", "2norm" or "high_freq" (see the module docstring).
         kv_init: "qo_whitened", "whitened" or "svd".
         nope_rotation: "mean" replaces the rotation of every pair that leaves RoPE by its expectation over
@@ -69,7 +75,7 @@ class UpcycleConfig:
     energy: float | None = None
     qk_rope_head_dim: int = 24
     rope_key_sharing: str = "shared"
-    rope_rotation: str = "rorope"
+    rope_rotation: str = "auto"
     rope_selection: str = "qk_freq"
     kv_init: str = "qo_whitened"
     nope_rotation: str = "mean"
@@ -92,11 +98,18 @@ def _head_dim(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def _has_qk_norm(model) -> bool:
+    return hasattr(model.model.layers[0].self_attn, "k_norm")
+
+
 def _check(model, ucfg: UpcycleConfig):
     cfg = model.config
     if cfg.model_type not in SUPPORTED:
         raise UpcycleError(f"model type '{cfg.model_type}' is not supported for MLA upcycling; "
                            f"supported: {', '.join(SUPPORTED)}")
+    qk_norm = _has_qk_norm(model)
+    if ucfg.rope_rotation == "auto":
+        ucfg.rope_rotation = "rorope" if ucfg.rope_key_sharing == "shared" and not qk_norm else "none"
     for name, allowed in [("rope_key_sharing", ("shared", "per_kv_head")), ("rope_rotation", ("rorope", "none")),
                           ("rope_selection", ("qk_freq", "2norm", "high_freq")),
                           ("kv_init", ("qo_whitened", "whitened", "svd")), ("nope_rotation", ("mean", "none"))]:
@@ -111,30 +124,41 @@ def _check(model, ucfg: UpcycleConfig):
     if ucfg.rope_rotation == "rorope" and ucfg.rope_key_sharing != "shared":
         raise UpcycleError("rope_rotation='rorope' mixes KV heads into one shared RoPE key; use it with "
                            "rope_key_sharing='shared', or rope_rotation='none'")
+    if qk_norm and ucfg.rope_rotation == "rorope":
+        raise UpcycleError("rope_rotation='rorope' mixes KV heads, but this model normalises each key head "
+                           "on its own (qk_norm); use rope_rotation='none' (or 'auto')")
+    if qk_norm and model.model.layers[0].self_attn.k_proj.bias is not None:
+        raise UpcycleError("a key bias before a per-head key norm (qk_norm) is not supported; "
+                           "supported qk_norm sources have attention_bias=False (Qwen3)")
     n_rope = 1 if ucfg.rope_key_sharing == "shared" else n_kv
     src_values = 2 * n_kv * D
+    side = n_rope * d_r + (n_kv if qk_norm else 0)  # cached next to the latent: RoPE keys (+ key scales)
     max_rank = min(src_values - n_rope * d_r, cfg.hidden_size)  # rows of [K_nope; V], or the input width
     if ucfg.kv_ratio is not None:
         if ucfg.kv_ratio <= 1:
             raise UpcycleError(f"kv_ratio={ucfg.kv_ratio} does not compress; use a ratio above 1 (e.g. 6.4)")
-        r = round(src_values / ucfg.kv_ratio) - n_rope * d_r
+        r = round(src_values / ucfg.kv_ratio) - side
         if r < 1:
-            raise UpcycleError(f"kv_ratio={ucfg.kv_ratio} leaves no room for a latent next to {n_rope}x{d_r} "
-                               f"RoPE values; lower kv_ratio or qk_rope_head_dim")
+            raise UpcycleError(f"kv_ratio={ucfg.kv_ratio} leaves no room for a latent next to {side} cached "
+                               f"RoPE-key{' and key-scale' if qk_norm else ''} values; lower kv_ratio or qk_rope_head_dim")
         ucfg.kv_lora_rank = r
     if ucfg.kv_lora_rank is not None and not 0 < ucfg.kv_lora_rank <= max_rank:
         raise UpcycleError(f"kv_lora_rank={ucfg.kv_lora_rank} is above the maximum {max_rank} "
                            f"(min(2*n_kv*head_dim - RoPE dims, hidden_size)); lower it")
     if ucfg.energy is not None and not 0 < ucfg.energy <= 1:
         raise UpcycleError(f"energy={ucfg.energy}; give a fraction in (0, 1]")
-    return D, n_kv, n_rope, max_rank
+    return D, n_kv, n_rope, max_rank, qk_norm
 
 
 def _layer_weights(attn, H, n_kv, D):
     f64 = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
-    return dict(Wq=f64(attn.q_proj.weight), bq=f64(attn.q_proj.bias), Wk=f64(attn.k_proj.weight),
-                bk=f64(attn.k_proj.bias), Wv=f64(attn.v_proj.weight), bv=f64(attn.v_proj.bias),
-                Wo=f64(attn.o_proj.weight), bo=f64(attn.o_proj.bias))
+    w = dict(Wq=f64(attn.q_proj.weight), bq=f64(attn.q_proj.bias), Wk=f64(attn.k_proj.weight),
+             bk=f64(attn.k_proj.bias), Wv=f64(attn.v_proj.weight), bv=f64(attn.v_proj.bias),
+             Wo=f64(attn.o_proj.weight), bo=f64(attn.o_proj.bias), gq=None, gk=None)
+    if hasattr(attn, "k_norm"):  # qk_norm: the source key to keep for its RMS, and both norms' gammas
+        w.update(Wk_src=w["Wk"], gq=f64(attn.q_norm.weight), gk=f64(attn.k_norm.weight))
+        w["Wk"] = w["gk"].repeat(n_kv)[:, None] * w["Wk"]  # targets are gamma . k; s_g is applied at run time
+    return w
 
 
 def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
@@ -143,6 +167,11 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
     half, d_r = D // 2, ucfg.qk_rope_head_dim
     K = _moment(w["Wk"], w["bk"], C, mu)
     Q = _moment(w["Wq"], w["bq"], C, mu)
+    key_scale = None
+    if w["gq"] is not None:  # qk_norm: moments of the normalised heads, gamma . y * sqrt(D / E|y_g|^2)
+        key_scale = _inv_rms(w["Wk_src"], None, C, mu, n_kv, D)                # (n_kv*D,)
+        q_scale = _inv_rms(w["Wq"], w["bq"], C, mu, H, D) * w["gq"].repeat(H)   # (H*D,)
+        K, Q = K * torch.outer(key_scale, key_scale), Q * torch.outer(q_scale, q_scale)
     if p_delta is not None:
         c, s_ = ops.mean_rotation(inv_freq, p_delta)                         # (half,), (half,)
     if ucfg.rope_rotation == "rorope":
@@ -182,12 +211,19 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
                 if (i, j) not in rope_pairs:
                     a, b = j * D + i, j * D + i + half
                     G[:, a], G[:, b] = c[i] * G[:, a] - s_[i] * G[:, b], s_[i] * G[:, a] + c[i] * G[:, b]
-    return dict(R=R, T=T, comps=comps, nope_idx=nope_idx, Wk_rot=Wk_rot, bk_rot=bk_rot, M=M, G=G, Q=Q, g_of=g_of)
+    return dict(R=R, T=T, comps=comps, nope_idx=nope_idx, Wk_rot=Wk_rot, bk_rot=bk_rot, M=M, G=G, Q=Q, g_of=g_of,
+                key_scale=key_scale)
 
 
 def _moment(W, b, C, mu):
     """E[y y^T] of y = W x + b; with no calibration (C None) the inputs count as white: W W^T."""
     return ops.second_moment(W, b, C, mu) if C is not None else W @ W.T
+
+
+def _inv_rms(W, b, C, mu, n, D):
+    """sqrt(D / E|y_g|^2) per head g of y = W x + b, repeated over the head's D dims: (n*D,)."""
+    power = _moment(W, b, C, mu).diagonal().view(n, D).sum(-1)             # (n,)
+    return (D / power.clamp_min(1e-30)).sqrt().repeat_interleave(D)
 
 
 def _pair_energy(K, n_kv, D):
@@ -211,6 +247,8 @@ def _row_weight(plan, w, C, ucfg, H, n_kv, D):
         Wo = w["Wo"].view(-1, H, D).permute(1, 2, 0)                          # (H, D, hidden): W_O of head h
         Av = torch.block_diag(*[ops.psd_sqrt(sum(Wo[h] @ Wo[h].T for h in range(H) if plan["g_of"][h] == g))
                                 for g in range(n_kv)])
+    if plan["key_scale"] is not None:  # qk_norm: a key error is scaled by s_g like the key itself
+        Ak = Ak * plan["key_scale"][plan["nope_idx"]][None]
     ek = (Ak @ Mk @ C @ Mk.T @ Ak.T).trace() if F else torch.tensor(1.0)
     ev = (Av @ Mv @ C @ Mv.T @ Av.T).trace()
     # Balance: each block carries the same weighted energy, so neither K nor V starves the other.
@@ -230,7 +268,7 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
     from tqdm.auto import tqdm
 
     ucfg = UpcycleConfig(**asdict(config or UpcycleConfig(kv_ratio=6.4)))
-    D, n_kv, n_rope, max_rank = _check(model, ucfg)
+    D, n_kv, n_rope, max_rank, qk_norm = _check(model, ucfg)
     cfg = model.config
     H, h, L = cfg.num_attention_heads, cfg.hidden_size, cfg.num_hidden_layers
     t0 = time.perf_counter()
@@ -266,7 +304,8 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
         vocab_size=cfg.vocab_size, hidden_size=h, intermediate_size=cfg.intermediate_size, num_hidden_layers=L,
         num_attention_heads=H, num_key_value_heads=n_kv, head_dim=D, kv_lora_rank=r, qk_nope_head_dim=d_n,
         qk_rope_head_dim=ucfg.qk_rope_head_dim, v_head_dim=D, rope_key_sharing=ucfg.rope_key_sharing,
-        rope_freq_index=[[[i for i, _ in head] for head in p["comps"]] for p in plans],
+        rope_freq_index=[[[i for i, _ in head] for head in p["comps"]] for p in plans], qk_norm=qk_norm,
+        rope_head_index=[[[j for _, j in head] for head in p["comps"]] for p in plans] if qk_norm else None,
         softmax_scale=getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5),
         hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
@@ -326,14 +365,19 @@ def _fill_attention(attn, p, w, r, d_n, H, n_kv, D, ucfg) -> float:
         q_nope = Qb.T @ G_h[p["nope_idx"]]                                  # (d_n, D) applied to q_h
         q_rope = G_h[rope_rot_rows]                                         # (d_r, D)
         A = torch.cat([q_nope, q_rope], 0)                                  # (d_n + d_r, D)
-        q_rows.append(A @ Wq_heads[h])
-        if bq_heads is not None:
+        q_rows.append(A if w["gq"] is not None else A @ Wq_heads[h])       # qk_norm: A maps the normed q_h
+        if bq_heads is not None and w["gq"] is None:
             q_bias.append(A @ bq_heads[h])
         kb_rows.append(torch.cat([W_uk, U_v[g * D:(g + 1) * D]], 0))       # (d_n + D, r)
     attn_q = torch.cat(q_rows, 0)
     rope_k_rows = torch.cat([p["Wk_rot"][[j * D + i for i, j in hd] + [j * D + i + D // 2 for i, j in hd]]
                              for hd in p["comps"]], 0)                      # (n_rope*d_r, h)
     dt = attn.q_proj.weight.dtype
+    if w["gq"] is not None:  # qk_norm: the source query path, then the per-head map; the source keys' RMS
+        attn.q_head_proj.copy_(torch.stack(q_rows).to(dt))                  # (H, d_n + d_r, D)
+        attn.q_norm.weight.copy_(w["gq"].to(dt))
+        attn.k_proj.weight.copy_(w["Wk_src"].to(dt))
+        attn_q, q_bias = w["Wq"], [] if w["bq"] is None else [w["bq"]]
     attn.q_proj.weight.copy_(attn_q.to(dt))
     attn.kv_a_proj.weight.copy_(torch.cat([W_down, rope_k_rows], 0).to(dt))
     attn.kv_b_proj.weight.copy_(torch.cat(kb_rows, 0).to(dt))

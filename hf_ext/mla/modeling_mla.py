@@ -8,7 +8,9 @@
 
 Per layer and token the cache holds c_kv = W_DKV x (``kv_lora_rank`` values) and the decoupled RoPE
 key(s) (``n_rope_heads * qk_rope_head_dim`` values), in ``MLALatentLayer``, a transformers cache layer
-type that ``generate()`` builds from ``config.layer_types``.
+type that ``generate()`` builds from ``config.layer_types``. Sources that RMS-normalise each key head
+(``qk_norm``, Qwen3) also cache that per-head scale (``num_key_value_heads`` values): it multiplies the
+position-free part of the keys, so it cannot be folded into a latent shared with the values.
 
 Two equivalent attention paths:
 - expanded (prefill): K_nope and V are expanded from the cached latent by ``kv_b_proj``, and attention
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -33,7 +36,8 @@ from .configuration_mla import MLAConfig
 
 
 class MLALatentLayer(DynamicLayer):
-    """Latent KV cache layer: ``keys`` holds c_kv (B, 1, T, r), ``values`` the RoPE key (B, n_rope, T, d_r).
+    """Latent KV cache layer: ``keys`` holds c_kv (B, 1, T, r) [+ key scales, qk_norm], ``values`` the
+    RoPE key (B, n_rope, T, d_r).
 
     Both grow along dim -2 like a DynamicLayer, so cropping, beam reordering and batch selection work
     unchanged; only ``r + n_rope * d_r`` values per token are stored instead of 2 * n_kv * head_dim.
@@ -95,7 +99,15 @@ class MLAAttention(nn.Module):
         self.num_key_value_groups = 1  # the expanded path materialises one K/V head per query head
         self.attention_dropout = config.attention_dropout
         q_out = self.num_heads * (self.d_n + self.d_r)
-        if config.q_lora_rank is None:
+        self.n_kv, D = config.num_key_value_heads, config.head_dim
+        if config.qk_norm:  # q_h = RMSNorm(W_Q,h x) as in the source, then a per-head map to [q_nope; q_rope]
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * D, bias=config.attention_bias)
+            self.q_norm = MLARMSNorm(D, eps=config.rms_norm_eps)
+            self.q_head_proj = nn.Parameter(torch.empty(self.num_heads, self.d_n + self.d_r, D))
+            # The source keys, used only for their per-head RMS: the key scale s = 1 / rms(W_K,g x).
+            self.k_proj = nn.Linear(config.hidden_size, self.n_kv * D, bias=config.attention_bias)
+            self.norm_eps = config.rms_norm_eps
+        elif config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
@@ -104,14 +116,32 @@ class MLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.r, self.num_heads * (self.d_n + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.d_v, config.hidden_size, bias=config.o_proj_bias)
         self.register_buffer("rope_freq_index", self.compute_freq_index(), persistent=False)  # (n_rope, d_r/2)
+        self.register_buffer("rope_head_index", self.compute_head_index(), persistent=False)  # (n_rope, d_r/2)
+        self.register_buffer("kv_head_of", torch.arange(self.num_heads) // (self.num_heads // self.n_kv),
+                             persistent=False)                                                 # (H,)
 
     def compute_freq_index(self):
         cfg = self.config
         idx = cfg.rope_freq_index[self.layer_idx] if cfg.rope_freq_index else [list(range(self.d_r // 2))] * self.n_rope
         return torch.tensor(idx, dtype=torch.long)
 
+    def compute_head_index(self):
+        """Source KV head of each rotary pair: given by upcycling, else head g for RoPE head g (or 0)."""
+        cfg = self.config
+        if cfg.rope_head_index:
+            return torch.tensor(cfg.rope_head_index[self.layer_idx], dtype=torch.long)
+        return torch.arange(self.n_rope)[:, None].expand(self.n_rope, self.d_r // 2).clone()
+
     def _queries(self, x):
+        if self.config.qk_norm:
+            q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, -1)))  # (B, T, H, D)
+            return torch.einsum("bthd,hed->bthe", q, self.q_head_proj).flatten(-2)
         return self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_proj(x))
+
+    def _key_scales(self, x):
+        """qk_norm: 1 / rms of each source key head, (B, T, n_kv)."""
+        k = self.k_proj(x).unflatten(-1, (self.n_kv, -1)).float()               # (B, T, n_kv, D)
+        return torch.rsqrt(k.pow(2).mean(-1) + self.norm_eps).to(x.dtype)
 
     def _rope_cos_sin(self, position_embeddings):
         cos, sin = position_embeddings                                      # (B, T, head_dim/2)
@@ -130,23 +160,31 @@ class MLAAttention(nn.Module):
         kv = self.kv_a_proj(hidden_states)                                  # (B, T, r + n_rope*d_r)
         c_kv = kv[..., : self.r].unsqueeze(1)                               # (B, 1, T, r)
         k_rope = kv[..., self.r:].view(B, T, n_rope, d_r).transpose(1, 2)   # (B, n_rope, T, d_r)
+        if self.config.qk_norm:
+            s = self._key_scales(hidden_states)                             # (B, T, n_kv)
+            s_rope = s[:, :, self.rope_head_index].transpose(1, 2)          # (B, n_rope, T, d_r/2)
+            k_rope = k_rope * torch.cat([s_rope, s_rope], -1)
+            c_kv = torch.cat([c_kv, s.unsqueeze(1)], -1)                    # (B, 1, T, r + n_kv)
         cos, sin = self._rope_cos_sin(position_embeddings)
         k_rope = apply_rope(k_rope, cos, sin)
         q_rope = apply_rope(q_rope.view(B, n_rope, H // n_rope, T, d_r), cos[:, :, None], sin[:, :, None]).view(B, H, T, d_r)
         past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if cache is not None:
-            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)       # (B, 1, S, r), (B, n_rope, S, d_r)
+            c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)       # (B, 1, S, r [+ n_kv]), (B, n_rope, S, d_r)
+        c_kv, s = c_kv[..., : self.r], (c_kv[:, 0, :, self.r:] if self.config.qk_norm else None)  # s (B, S, n_kv)
         if self._use_absorbed(T, past_len):
-            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, attention_mask, past_len)
+            out = self._absorbed(q_nope, q_rope, c_kv, k_rope, s, attention_mask, past_len)
         else:
-            out = self._expanded(q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs)
+            out = self._expanded(q_nope, q_rope, c_kv, k_rope, s, attention_mask, **kwargs)
         return self.o_proj(out.reshape(B, T, H * self.d_v)), None
 
-    def _expanded(self, q_nope, q_rope, c_kv, k_rope, attention_mask, **kwargs):
+    def _expanded(self, q_nope, q_rope, c_kv, k_rope, s, attention_mask, **kwargs):
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[2]
         kv = self.kv_b_proj(c_kv[:, 0]).view(B, S, H, self.d_n + self.d_v).transpose(1, 2)  # (B, H, S, d_n + d_v)
         k_nope, v = kv.split([self.d_n, self.d_v], dim=-1)
+        if s is not None:
+            k_nope = k_nope * s[:, :, self.kv_head_of].transpose(1, 2)[..., None]  # (B, H, S, 1) key scale
         k_rope = k_rope.repeat_interleave(H // self.n_rope, dim=1)         # (B, H, S, d_r)
         # Zero dims change no score and let fused SDPA kernels run at inference (without them a 16k
         # prefill falls back to the math kernel). Training keeps the unpadded path, the one whose GPU
@@ -159,7 +197,7 @@ class MLAAttention(nn.Module):
                       scaling=self.scaling, **kwargs)
         return out                                                          # (B, T, H, d_v)
 
-    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, attention_mask, past_len):
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, s, attention_mask, past_len):
         B, H, T, _ = q_nope.shape
         S, n_rope = c_kv.shape[2], self.n_rope
         w = self.kv_b_proj.weight.view(H, self.d_n + self.d_v, self.r)
@@ -168,6 +206,8 @@ class MLAAttention(nn.Module):
         # MQA over the latent with no copy of the cache: heads fold into query rows, so each score is
         # one matmul against c_kv (shared by all heads) plus one against the head group's RoPE key.
         scores = (q_lat.reshape(B, 1, H * T, self.r) @ c_kv.transpose(-1, -2)).view(B, H, T, S)
+        if s is not None:
+            scores = scores * s[:, :, self.kv_head_of].transpose(1, 2)[:, :, None]  # (B, H, 1, S) key scale
         scores = scores + (q_rope.reshape(B, n_rope, (H // n_rope) * T, self.d_r)
                            @ k_rope.transpose(-1, -2)).view(B, H, T, S)
         scores = scores.float() * self.scaling                              # (B, H, T, S)
@@ -242,6 +282,10 @@ class MLAPreTrainedModel(PreTrainedModel):
             module.inv_freq.copy_(module.compute_inv_freq(module.config)[0])
         elif isinstance(module, MLAAttention):
             module.rope_freq_index.copy_(module.compute_freq_index())
+            module.rope_head_index.copy_(module.compute_head_index())
+            module.kv_head_of.copy_(torch.arange(module.num_heads) // (module.num_heads // module.n_kv))
+            if module.config.qk_norm:
+                init.normal_(module.q_head_proj, std=self.config.initializer_range)
 
 
 class MLAModel(MLAPreTrainedModel):
@@ -287,7 +331,7 @@ class MLAModel(MLAPreTrainedModel):
 
 
 class MLAForCausalLM(MLAPreTrainedModel, GenerationMixin):
-    """An MLA causal LM. Make one from a Llama/Mistral/Qwen2 checkpoint with ``hf_ext.mla.upcycle_to_mla``.
+    """An MLA causal LM. Make one from a Llama/Mistral/Qwen2/Qwen3 checkpoint with ``hf_ext.mla.upcycle_to_mla``.
 
     Example:
         >>> from transformers import AutoModelForCausalLM

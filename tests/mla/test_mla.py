@@ -8,8 +8,8 @@ from conftest import tiny_causal_lm
 from hf_ext.mla import MLAForCausalLM, UpcycleConfig, UpcycleError, latent_cache_bytes, ops, upcycle_to_mla
 from helpers import run_without_hf_ext
 
-FAMILIES = ["llama", "mistral", "qwen2"]
-LOSSY = dict(kv_lora_rank=12, qk_rope_head_dim=4)  # tiny: 16 cached values vs the source's 32
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+LOSSY = dict(kv_ratio=2, qk_rope_head_dim=4)  # tiny: 16 cached values vs the source's 32 (r = 12 on Llama)
 
 
 def calib(n=2048):
@@ -68,7 +68,8 @@ def test_lossless_upcycle_reproduces_source(family):
     x = torch.randint(0, 128, (2, 33))
     with torch.no_grad():
         assert torch.allclose(mla(x).logits, src(x).logits, atol=1e-4)
-    assert report["kv_ratio"] == 1.0
+    # Qwen3 (qk_norm) also caches one key scale per KV head and token
+    assert report["kv_values_per_token"] == report["kv_values_per_token_source"] + (2 if family == "qwen3" else 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,9 +81,25 @@ def test_lossless_generate_matches_source(family):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_position_free_keys_are_exact_when_their_pairs_do_not_rotate(family):
+    """Half the pairs leave RoPE and go through the latent (full rank). With rope_theta 1e12 those slow
+    pairs rotate < 1e-5 rad over 33 tokens, so the model must match the source: this checks the
+    position-free key path, including Qwen3's cached per-head key scale (at theta 1e4 it is off by 1e-2)."""
+    src = tiny_causal_lm(family, rope_parameters={"rope_type": "default", "rope_theta": 1e12})
+    uc = UpcycleConfig(kv_lora_rank=24, qk_rope_head_dim=4, rope_key_sharing="per_kv_head", rope_rotation="none",
+                       rope_selection="high_freq", kv_init="svd", nope_rotation="none")
+    mla, report = upcycle_to_mla(src, uc, progress=False)
+    assert mla.config.qk_nope_head_dim == 8                                 # 2 kv heads x 2 slow pairs x 2 dims
+    x = torch.randint(0, 128, (2, 33))
+    with torch.no_grad():
+        assert torch.allclose(mla(x).logits, src(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("sharing", ["shared", "per_kv_head"])
-def test_absorbed_decode_equals_expanded(sharing):
-    _, mla, _ = upcycle(rope_key_sharing=sharing, rope_rotation="rorope" if sharing == "shared" else "none", **LOSSY)
+def test_absorbed_decode_equals_expanded(sharing, family):
+    _, mla, _ = upcycle(family, rope_key_sharing=sharing, **LOSSY)
     x = torch.randint(0, 128, (2, 20))
     logits = {}
     for mode in ("always", "never"):
@@ -97,8 +114,9 @@ def test_absorbed_decode_equals_expanded(sharing):
     assert torch.allclose(logits["always"], logits["never"], atol=1e-4)
 
 
-def test_generate_absorbed_matches_expanded_and_cache_is_latent():
-    _, mla, _ = upcycle(**LOSSY)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_absorbed_matches_expanded_and_cache_is_latent(family):
+    _, mla, _ = upcycle(family, **LOSSY)
     x = torch.randint(0, 128, (2, 10))
     mla.config.absorb = "auto"
     out = mla.generate(x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
@@ -108,7 +126,8 @@ def test_generate_absorbed_matches_expanded_and_cache_is_latent():
     cfg, T = mla.config, out.sequences.shape[1] - 1                         # the last token is never cached
     assert type(out.cache.layers[0]).__name__ == "MLALatentLayer"
     assert latent_cache_bytes(out.cache) == cfg.num_hidden_layers * 2 * T * cfg.kv_values_per_token * 4
-    assert cfg.kv_values_per_token == 16                                    # vs 2 * 2 * 8 = 32 in the source
+    # vs 2 * 2 * 8 = 32 in the source; Qwen3 caches its 2 key scales too, in place of 2 latent values
+    assert cfg.kv_values_per_token == 16 and cfg.kv_lora_rank == (10 if family == "qwen3" else 12)
 
 
 def test_left_padded_batch_matches_single_rows():
@@ -144,8 +163,9 @@ def test_beam_search_absorbed_equals_expanded():
     assert torch.equal(a, b)
 
 
-def test_save_load_round_trip_and_remote_code(tmp_path):
-    _, mla, _ = upcycle(**LOSSY)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_save_load_round_trip_and_remote_code(tmp_path, family):
+    _, mla, _ = upcycle(family, **LOSSY)
     mla.save_pretrained(tmp_path)
     back = MLAForCausalLM.from_pretrained(tmp_path).eval()
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in mla.state_dict().items())
@@ -172,7 +192,7 @@ def test_unsupported_model_type_lists_supported():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
-    with pytest.raises(UpcycleError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(UpcycleError, match="supported: llama, mistral, qwen2, qwen3"):
         upcycle_to_mla(gpt2, UpcycleConfig(kv_ratio=2))
 
 
@@ -181,11 +201,17 @@ def test_unsupported_model_type_lists_supported():
     (dict(kv_lora_rank=8, qk_rope_head_dim=3), "even width"),
     (dict(kv_ratio=1.0), "does not compress"),
     (dict(kv_ratio=2, kv_lora_rank=4), "exactly one"),
-    (dict(kv_ratio=2, rope_key_sharing="per_kv_head"), "rope_rotation='none'"),
+    (dict(kv_ratio=2, rope_key_sharing="per_kv_head", rope_rotation="rorope"), "rope_rotation='none'"),
 ])
 def test_bad_upcycle_config(kw, needle):
     with pytest.raises(UpcycleError, match=needle):
         upcycle_to_mla(tiny_causal_lm(), UpcycleConfig(**{"qk_rope_head_dim": 4, **kw}), calib_ids=calib())
+
+
+def test_rorope_on_qk_norm_source_says_why():
+    with pytest.raises(UpcycleError, match="normalises each key head"):
+        upcycle_to_mla(tiny_causal_lm("qwen3"), UpcycleConfig(kv_ratio=2, qk_rope_head_dim=4, rope_rotation="rorope"),
+                       calib_ids=calib())
 
 
 def test_short_calibration_says_how_much():
