@@ -10,7 +10,7 @@ VARIANTS = ("meft1", "meft2", "meft3")
 STREAM_BITS = 30  # spare mantissa bits of float64 streams over the float32 values F and G return
 
 
-def default_scales(variant: str, n_layers: int) -> tuple[float, float]:
+def default_scales(variant: str, n_layers: int, pre_ln: bool = False) -> tuple[float, float]:
     """The smallest power-of-two scale that keeps the coupling arithmetic exact (measured, see README).
 
     With float64 streams and lam, beta = 2^-k, every product is exact and every sum of a scaled stream
@@ -18,7 +18,13 @@ def default_scales(variant: str, n_layers: int) -> tuple[float, float]:
     widens it by k bits per scaled stream. So the stack reverses bit-exactly (gradients identical to
     autograd's) while k * n_layers * (1 or 2) <= ~30, and smaller scales start closer to the pretrained
     model (relative deviation about s / (1 - s)). k is capped at 3 (0.125, near the paper's 0.1).
+
+    Pre-LN decoders (``pre_ln``): F and G contain the residual connection (as in the official RevLLaMA),
+    so the two streams grow geometrically with depth and no scale is exact; measured on SmolLM2 (30
+    layers), only lam = beta = 1 keeps gradients within 1e-4 of autograd, so that is the default there.
     """
+    if pre_ln:
+        return 1.0, 1.0
     per_layer = 2 if variant == "meft3" else 1
     s = 2.0 ** -min(3, STREAM_BITS // (per_layer * max(n_layers, 1)))
     return {"meft1": (s, 1.0), "meft2": (1.0, s), "meft3": (s, s)}[variant]

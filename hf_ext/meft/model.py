@@ -18,7 +18,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from . import ops
-from .blocks import SUPPORTED, blocks_for
+from .blocks import ENCODERS, SUPPORTED, blocks_for
 from .config import MeftConfig, default_scales
 
 PREFIX = "meft_"
@@ -161,7 +161,7 @@ class MeftModel(BaseTuner):
         if not idx or idx[0] < 0 or idx[-1] >= n or idx != list(range(idx[0], idx[-1] + 1)):
             raise MeftError(f"target_layers={peft_config.target_layers}: give contiguous indices in 0..{n - 1}")
         n_rev = len(idx) if peft_config.num_rev_layers is None else min(peft_config.num_rev_layers, len(idx))
-        lam, beta = default_scales(peft_config.variant, n_rev)
+        lam, beta = default_scales(peft_config.variant, n_rev, pre_ln=model_type not in ENCODERS)
         peft_config.lam = lam if peft_config.lam is None else float(peft_config.lam)
         peft_config.beta = beta if peft_config.beta is None else float(peft_config.beta)
         prefix = next(name for name, mod in model.named_modules() if mod is layers)

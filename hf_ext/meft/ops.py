@@ -167,8 +167,9 @@ def _accumulate(grads, params, new):
 
 def reconstruction_error(couplings: list[Coupling], x1, x2, compute_dtype) -> float:
     """max |x - inverse(forward(x))| / max |x| over both streams, through the whole stack and back, with
-    the RNG of every F and G replayed: the cheap check of whether a setting gives trustworthy gradients."""
-    with torch.no_grad():
+    the RNG of every F and G replayed: the cheap check of whether a setting gives trustworthy gradients.
+    The global RNG state is left as it was, so a check does not change the dropout masks of training."""
+    with torch.no_grad(), RngReplay(x1.device):
         y1, y2, rngs = x1, x2, []
         for c in couplings:
             rngs.append(RngReplay(x1.device))
