@@ -20,16 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_ext.eval import tokenize  # noqa: E402
 from hf_ext.meft import MeftConfig  # noqa: E402
+from hf_ext.meft.measure import reversible_grad_error  # noqa: E402
 from hf_ext.zoo import load_causal_lm, load_corpus, resolve_model  # noqa: E402
-
-
-def grads(pm, batch, reversible):
-    pm.zero_grad()
-    pm.base_model.peft_config["default"].num_rev_layers = None if reversible else 0
-    torch.manual_seed(7)
-    pm(**batch).loss.backward()
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                      for n, p in pm.named_parameters() if "meft_" in n and p.requires_grad])
 
 
 def row(make, task, batch, **kw):
@@ -40,10 +32,10 @@ def row(make, task, batch, **kw):
     for n, p in pm.named_parameters():
         if "meft_" in n and p.requires_grad:
             torch.nn.init.normal_(p, std=0.02)
-    a, b = grads(pm, batch, True), grads(pm, batch, False)
+    err = reversible_grad_error(pm, batch)
     cfg = pm.base_model.peft_config["default"]
     r = {"variant": cfg.variant, "lam": cfg.lam, "beta": cfg.beta, "streams": cfg.reconstruction_dtype,
-         "grad_rel_err": float((a - b).norm() / b.norm()), "recon_err": pm.base_model.last_recon_error}
+         "grad_rel_err": err, "recon_err": pm.base_model.last_recon_error}
     print(r, flush=True)
     return r
 

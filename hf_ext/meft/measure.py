@@ -38,3 +38,19 @@ def saved_activation_bytes(loss: torch.Tensor, model: torch.nn.Module | None = N
                     pass
         todo.extend(fn for fn, _ in node.next_functions)
     return sum(storages.values())
+
+
+def reversible_grad_error(peft_model, batch: dict, seed: int = 7) -> float:
+    """|g_reversible - g_autograd| / |g_autograd| over the MEFT adapter gradients of one step on ``batch``
+    (the same dropout masks in both runs): the check that the reversible backward can be trusted."""
+    cfg = peft_model.base_model.peft_config[peft_model.active_adapter]
+    keep, out = cfg.num_rev_layers, []
+    for n_rev in (keep, 0):
+        cfg.num_rev_layers = n_rev
+        peft_model.zero_grad()
+        torch.manual_seed(seed)
+        peft_model(**batch).loss.backward()
+        out.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for n, p in peft_model.named_parameters() if "meft_" in n and p.requires_grad]))
+    cfg.num_rev_layers = keep
+    return float((out[0] - out[1]).norm() / out[1].norm())
