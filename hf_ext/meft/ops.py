@@ -64,13 +64,6 @@ def _call(fn, x, compute_dtype):
     return fn(x.to(compute_dtype)).to(x.dtype)
 
 
-def _call_as_backward(fn, x, compute_dtype):
-    """F(x) computed exactly as the backward will recompute it (grad mode, input requiring grad: some
-    kernels differ by an ulp otherwise, and 1/lam amplifies every ulp), then detached."""
-    with torch.enable_grad():
-        return _call(fn, x.detach().requires_grad_(), compute_dtype).detach()
-
-
 def coupling_forward(c: Coupling, x1, x2, compute_dtype):
     """(x1, x2) -> (y1, y2) [swapped if c.swap]; streams in their own dtype, F/G in ``compute_dtype``."""
     y1 = c.lam * x1 + _call(c.F, x2, compute_dtype)
@@ -110,9 +103,9 @@ class ReversibleStack(torch.autograd.Function):
         with torch.no_grad():
             for c in couplings:
                 f_rng = RngReplay(x1.device)
-                y1 = c.lam * x1 + _call_as_backward(c.F, x2, compute_dtype)
+                y1 = c.lam * x1 + _call(c.F, x2, compute_dtype)
                 g_rng = RngReplay(x1.device)
-                y2 = c.beta * x2 + _call_as_backward(c.G, y1, compute_dtype)
+                y2 = c.beta * x2 + _call(c.G, y1, compute_dtype)
                 ctx.rng.append((f_rng, g_rng))
                 x1, x2 = (y2, y1) if c.swap else (y1, y2)
         ctx.save_for_backward(x1, x2)
@@ -173,15 +166,15 @@ def reconstruction_error(couplings: list[Coupling], x1, x2, compute_dtype) -> fl
         y1, y2, rngs = x1, x2, []
         for c in couplings:
             rngs.append(RngReplay(x1.device))
-            y1 = c.lam * y1 + _call_as_backward(c.F, y2, compute_dtype)
+            y1 = c.lam * y1 + _call(c.F, y2, compute_dtype)
             rngs.append(RngReplay(x1.device))
-            y2 = c.beta * y2 + _call_as_backward(c.G, y1, compute_dtype)
+            y2 = c.beta * y2 + _call(c.G, y1, compute_dtype)
             y1, y2 = (y2, y1) if c.swap else (y1, y2)
         for c in reversed(couplings):
             y1, y2 = (y2, y1) if c.swap else (y1, y2)
             with rngs.pop():
-                y2 = (y2 - _call_as_backward(c.G, y1, compute_dtype)) / c.beta
+                y2 = (y2 - _call(c.G, y1, compute_dtype)) / c.beta
             with rngs.pop():
-                y1 = (y1 - _call_as_backward(c.F, y2, compute_dtype)) / c.lam
+                y1 = (y1 - _call(c.F, y2, compute_dtype)) / c.lam
         scale = torch.maximum(x1.abs().max(), x2.abs().max()).clamp_min(1e-30)
         return float(torch.maximum((y1 - x1).abs().max(), (y2 - x2).abs().max()) / scale)
