@@ -2,7 +2,7 @@
 
     python benchmarks/meft_safety.py --out benchmarks/results/meft_safety.json
 
-Real MiniLM (4x128, dropout on) and SmolLM2 (2x128), fp32 compute; adapters drawn at std 0.02 so every
+Real MiniLM (4x128, dropout on) and SmolLM2 (2x128), fp32 compute (and a bf16 section); adapters drawn at std 0.02 so every
 gradient is live; the same dropout masks in both runs. grad_rel_err = |g_rev - g_autograd| / |g_autograd|;
 recon_err = max relative error of the first layer's input after the whole stack and back.
 """
@@ -56,6 +56,9 @@ def main():
                                        ("meft1", 1.0, 1.0, "float32"), ("meft3", 1.0, 1.0, "float32"),
                                        ("meft1", 0.1, 1.0, "float64"), ("meft3", 0.1, 0.1, "float64")]]
     m_rows += [row(make, "SEQ_CLS", mb, variant=v) for v in ("meft1", "meft2", "meft3")]   # defaults
+    make16 = lambda: BertForSequenceClassification.from_pretrained(mini, num_labels=8, dtype=torch.bfloat16)  # noqa: E731
+    b_rows = [row(make16, "SEQ_CLS", mb, variant=v, **kw) for v in ("meft1", "meft3")
+              for kw in ({}, {"reconstruction_dtype": "bfloat16"}, {"lam": 1.0, "beta": 1.0, "reconstruction_dtype": "bfloat16"})]
     tok = load_causal_lm("smollm2-135m")[1]
     ids = tokenize(tok, load_corpus("python-docs:eval"), 256).view(2, 128)
     sb = dict(input_ids=ids, labels=ids)
@@ -65,6 +68,8 @@ def main():
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "sections": {
                "MiniLM (post-LN, 6 layers)": {"note": "Last three rows: the defaults (power-of-two scales, "
                                               "float64 streams).", "rows": m_rows},
+               "MiniLM in bfloat16": {"note": "Model weights and F/G compute in bf16 (adapters fp32). Rows 1 and 4: "
+                                      "the defaults (float64 streams).", "rows": b_rows},
                "SmolLM2-135M (pre-LN, 30 layers)": {"note": "F contains the residual, so the streams grow "
                                                     "with depth.", "rows": s_rows}}}
     Path(args.out).write_text(json.dumps(res, indent=1))

@@ -1,6 +1,7 @@
 """Entry point of the `hf-ext` console script.
 
     hf-ext convert <technique> ...   upcycle / convert a checkpoint (see `hf-ext convert -h`)
+    hf-ext finetune meft ...         fine-tune with a memory-light technique (see `hf-ext finetune -h`)
     hf-ext eval perplexity ...       measure a model
     hf-ext push DIR REPO_ID          upload a folder
     hf-ext zoo list|fetch            offline checkpoints
@@ -12,9 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, convert_export, convert_mla
+from . import commands, convert_export, convert_mla, finetune_meft
 
 CONVERTERS = [convert_mla, convert_export]
+FINETUNERS = [finetune_meft]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a checkpoint").add_subparsers(dest="technique", required=True)
     for c in CONVERTERS:
         c.add_parser(conv)
+    ft = sub.add_parser("finetune", help="fine-tune a model").add_subparsers(dest="technique", required=True)
+    for f in FINETUNERS:
+        f.add_parser(ft)
     commands.add_parsers(sub)
     return parser
 

@@ -9,8 +9,8 @@ the tuner from the saved ``adapter_config.json`` (tested in tests/meft).
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from . import ops
-from .config import PEFT_TYPE, MeftConfig, default_scales
-from .model import MeftError, MeftLayer, MeftModel
+from .config import PEFT_TYPE, MeftConfig, MeftError, default_scales
+from .model import MeftLayer, MeftModel
 
 PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(PEFT_TYPE, MeftConfig)
 PEFT_TYPE_TO_TUNER_MAPPING.setdefault(PEFT_TYPE, MeftModel)

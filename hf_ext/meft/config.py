@@ -5,9 +5,15 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from ..errors import HfExtError
+
 PEFT_TYPE = "MEFT"
 VARIANTS = ("meft1", "meft2", "meft3")
 STREAM_BITS = 30  # spare mantissa bits of float64 streams over the float32 values F and G return
+
+
+class MeftError(HfExtError, ValueError):
+    """Bad MEFT settings or an unsupported model; the message names the fix."""
 
 
 def default_scales(variant: str, n_layers: int, pre_ln: bool = False) -> tuple[float, float]:
@@ -83,14 +89,14 @@ class MeftConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant={self.variant!r}; choose one of {', '.join(VARIANTS)}")
+            raise MeftError(f"variant={self.variant!r}; choose one of {', '.join(VARIANTS)}")
         for name in ("lam", "beta"):
             if getattr(self, name) is not None and float(getattr(self, name)) == 0:
-                raise ValueError(f"{name}=0: the inverse divides by {name}, so it must be non-zero "
+                raise MeftError(f"{name}=0: the inverse divides by {name}, so it must be non-zero "
                                  f"(the paper uses 0.1; 1 is the most stable)")
         if self.output not in ("plm_stream", "mean"):
-            raise ValueError(f"output={self.output!r}; choose 'plm_stream' or 'mean'")
+            raise MeftError(f"output={self.output!r}; choose 'plm_stream' or 'mean'")
         if self.check_action not in ("warn", "raise"):
-            raise ValueError(f"check_action={self.check_action!r}; choose 'warn' or 'raise'")
+            raise MeftError(f"check_action={self.check_action!r}; choose 'warn' or 'raise'")
         if self.adapter_dim < 1:
-            raise ValueError(f"adapter_dim={self.adapter_dim}; give a positive width")
+            raise MeftError(f"adapter_dim={self.adapter_dim}; give a positive width")

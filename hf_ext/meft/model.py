@@ -19,17 +19,16 @@ from transformers.activations import ACT2FN
 
 from . import ops
 from .blocks import ENCODERS, SUPPORTED, blocks_for
-from .config import MeftConfig, default_scales
+from .config import MeftConfig, MeftError, default_scales
 
 PREFIX = "meft_"
 
 
-class MeftError(ValueError):
-    pass
-
-
 class Adapter(nn.Module):
-    """down -> act -> dropout -> up, with ``up`` zero-initialised so every adapter starts as 0."""
+    """down -> act -> dropout -> up, with ``up`` zero-initialised so every adapter starts as 0.
+
+    The weights stay float32 on half-precision models (as peft's LoRA does by default); the input is cast
+    to them and the output back to the input's dtype."""
 
     def __init__(self, hidden: int, dim: int, act: str, dropout: float):
         super().__init__()
@@ -41,7 +40,7 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x):                                                   # (B, T, hidden) -> same
-        return self.up(self.dropout(self.act(self.down(x))))
+        return self.up(self.dropout(self.act(self.down(x.to(self.down.weight.dtype))))).to(x.dtype)
 
 
 class MeftLayer(nn.Module, BaseTunerLayer):

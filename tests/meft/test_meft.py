@@ -74,6 +74,18 @@ def test_paper_scales_in_float32_are_wrong_and_float64_power_of_two_is_exact():
     assert bad > 1e-2 and good == 0.0
 
 
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_bf16_model_with_float64_streams_is_exact(variant):
+    """bf16 weights and compute (adapters stay fp32, like LoRA's): the float64 streams still reverse
+    exactly, so the gradients equal autograd's bit for bit; bf16 streams do not."""
+    pm = wrap(tiny_bert(layers=4).to(torch.bfloat16), "SEQ_CLS", variant=variant)
+    assert all(p.dtype == torch.float32 for n, p in pm.named_parameters() if "meft_" in n)
+    a, b = adapter_grads(pm, BERT_BATCH, True), adapter_grads(pm, BERT_BATCH, False)
+    assert b.norm() > 0 and rel(a, b) == 0.0
+    pm = wrap(tiny_bert(layers=4).to(torch.bfloat16), "SEQ_CLS", variant=variant, reconstruction_dtype="bfloat16")
+    assert rel(adapter_grads(pm, BERT_BATCH, True), adapter_grads(pm, BERT_BATCH, False)) > 1e-3
+
+
 def test_partial_reversibility_matches_too():
     pm = wrap(tiny_bert(layers=4), "SEQ_CLS", variant="meft1", num_rev_layers=2)
     cfg = pm.base_model.peft_config["default"]

@@ -1,0 +1,78 @@
+"""docs-sections task, the fine-tuning loop and `hf-ext finetune meft` (tiny BERT + the real tokenizer)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from conversion.cli import main
+from hf_ext.meft.train import FinetuneConfig, FinetuneError, evaluate
+from hf_ext.tasks import DOCS_SECTIONS, load_task
+from hf_ext.zoo import resolve_model
+
+
+def test_docs_sections_split_is_fixed_disjoint_and_labelled():
+    train, test = load_task("docs-sections", "train"), load_task("docs-sections", "eval")
+    assert not set(train.texts) & set(test.texts)
+    assert set(test.labels) == set(range(len(DOCS_SECTIONS)))       # every class is in eval
+    assert 0.05 < len(test) / (len(train) + len(test)) < 0.15
+    capped = load_task("docs-sections", "train", max_per_class=50)
+    assert max(capped.class_counts().values()) == 50 and set(capped.texts) <= set(train.texts)
+    assert load_task("docs-sections", "eval").texts == test.texts    # deterministic
+
+
+def test_bad_task_and_settings():
+    from hf_ext.errors import BadTextError
+
+    with pytest.raises(BadTextError, match="available: docs-sections"):
+        load_task("glue", "train")
+    with pytest.raises(BadTextError, match="'train' or 'eval'"):
+        load_task("docs-sections", "test")
+    with pytest.raises(FinetuneError, match="choose one of meft, lora, full"):
+        FinetuneConfig(method="prefix")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT with the real MiniLM tokenizer, saved like a Hub checkpoint."""
+    d = tmp_path_factory.mktemp("tiny_bert")
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64,
+                                             num_labels=len(DOCS_SECTIONS))).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_cli_finetune_saves_an_adapter_that_reloads_exactly(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["finetune", "meft", "--model", str(tiny_bert_dir), "--variant", "meft3", "--epochs", "1",
+               "--max-per-class", "8", "--max-length", "32", "--out", str(out), "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 2 and result["train_examples"] == 64 and 0 <= result["accuracy"] <= 1
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "hf_ext_report.json"} <= \
+        {p.name for p in out.iterdir()}
+    assert "--variant meft3" in (out / "README.md").read_text()
+    import hf_ext.meft  # noqa: F401
+    base = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(DOCS_SECTIONS))
+    model = PeftModel.from_pretrained(base, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    again = evaluate(model, tok, load_task("docs-sections", "eval"), max_length=32)
+    assert again["accuracy"] == result["accuracy"]          # the saved adapter + head are the trained ones
+
+
+def test_cli_bad_input_leaves_nothing(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "meft", "--model", str(tiny_bert_dir), "--lam", "0", "--out", str(out)]) == 2
+    assert "lam=0" in capsys.readouterr().err and not out.exists()
+    assert main(["finetune", "meft", "--model", str(tiny_bert_dir), "--task", "glue", "--out", str(out)]) == 2
+    assert "unknown task 'glue'" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert main(["finetune", "meft", "--model", str(tiny_bert_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
