@@ -6,7 +6,8 @@
 speed: training steps (forward + backward) of the real SmolLM2-135M at batch 1 x 512, the three
 attention implementations interleaved round-robin in one process; median seconds, ratio to eager,
 bytes the autograd graph holds for backward (graph walk, deduplicated by storage) and, on CUDA, peak
-memory. synthetic: ``hf-ext myopic synthetic`` at its defaults. gap: ``hf-ext myopic gap`` (SmolLM2,
+memory. synthetic: ``hf-ext myopic synthetic`` at a CPU budget
+(2000 steps of 128 sequences by default; the paper trained ~30M sequences). gap: ``hf-ext myopic gap`` (SmolLM2,
 python-docs train/eval) at a CPU budget, myopic and local-myopic (w = 16).
 """
 from __future__ import annotations
@@ -32,10 +33,12 @@ from hf_ext.zoo import load_causal_lm, load_corpus  # noqa: E402
 NOTES = {
     "speed": "SmolLM2-135M, batch 1 x 512, fp32, one training step = forward + backward; median of the timed "
              "rounds (implementations interleaved). The official code needs two forward passes (about 2x).",
-    "synthetic": "y_n = z_n * sum_{i=1..10} sin(10 x_{n-i}) + (1 - z_n) x_n; normalized loss = Huber / p on "
-                 "held-out sequences; probe R^2 of sin(10 x_n) from the hidden state at n (held-out fit).",
-    "gap": "SmolLM2-135M fine-tuned on python-docs:train, NLL on the first 16k tokens of python-docs:eval; "
-           "vanilla and myopic copies share data, order, schedule and seed.",
+    "synthetic": "CPU budget (see steps, batch). y_n = z_n * sum_{i=1..10} sin(10 x_{n-i}) + (1 - z_n) x_n; "
+                 "normalized loss = Huber / p on held-out sequences; probe R^2 of sin(10 x_n) from the hidden "
+                 "state at n (held-out fit).",
+    "gap": "CPU budget: SmolLM2-135M fine-tuned for `steps` steps of 2 x 256 tokens (lr 3e-5) on "
+           "python-docs:train; NLL (nats/token) on the first 8192 tokens of python-docs:eval; vanilla, myopic "
+           "and local-myopic copies share data, order, schedule and seed.",
 }
 
 
@@ -69,10 +72,10 @@ def speed(rounds: int) -> list[dict]:
     return rows
 
 
-def synthetic() -> list[dict]:
+def synthetic(steps: int, batch: int) -> list[dict]:
     from hf_ext.myopic.synthetic import SyntheticConfig, run_synthetic
 
-    r = run_synthetic(SyntheticConfig())
+    r = run_synthetic(SyntheticConfig(steps=steps, batch_size=batch))
     rows = [{"model": "trivial (no past)", "normalized_loss": r["trivial_normalized_loss"]}]
     rows += [{"model": n, **r[n]} for n in ("vanilla", "myopic")]
     for row in rows:
@@ -84,13 +87,14 @@ def synthetic() -> list[dict]:
 def gap(steps: int) -> list[dict]:
     from hf_ext.myopic.gap import GapConfig, myopia_gap
 
-    rows = []
-    for w in (None, 16):
-        rep, _ = myopia_gap(GapConfig(steps=steps, local_window=w))
-        rows.append({"training": "myopic" if w is None else f"local myopic (w={w})", "steps": steps,
-                     "tokens": rep["train_tokens_seen"], "nll_base": rep["nll_base"],
-                     "nll_vanilla": rep["nll_vanilla"], "nll_myopic": rep["nll_myopic"], "gap_nats": rep["gap_nats"]})
-        print(rows[-1], flush=True)
+    rep, _ = myopia_gap(GapConfig(steps=steps, batch_size=2, seq_len=256, eval_tokens=8192, extra_local_windows=(16,)))
+    rows = [{"model": "base (no fine-tuning)", "nll": rep["nll_base"]},
+            {"model": "vanilla", "nll": rep["nll_vanilla"], "gap_nats": 0.0},
+            {"model": "myopic", "nll": rep["nll_myopic"], "gap_nats": rep["gap_nats"]},
+            {"model": "local myopic (w=16)", "nll": rep["nll_local16"], "gap_nats": rep["gap_local16_nats"]}]
+    for r in rows:
+        r.update(steps=steps, train_tokens=rep["train_tokens_seen"])
+        print(r, flush=True)
     return rows
 
 
@@ -98,7 +102,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="*", default=["speed", "synthetic", "gap"])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--gap-steps", type=int, default=100)
+    ap.add_argument("--synthetic-steps", type=int, default=2000)
+    ap.add_argument("--synthetic-batch", type=int, default=128)
+    ap.add_argument("--gap-steps", type=int, default=30)
     ap.add_argument("--out", default="benchmarks/results/myopic.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -108,7 +114,8 @@ def main():
     out = Path(args.out)
     res = json.loads(out.read_text()) if out.exists() else {"sections": {}}
     for part in args.parts:
-        rows = {"speed": lambda: speed(args.rounds), "synthetic": synthetic, "gap": lambda: gap(args.gap_steps)}[part]()
+        rows = {"speed": lambda: speed(args.rounds), "gap": lambda: gap(args.gap_steps),
+                "synthetic": lambda: synthetic(args.synthetic_steps, args.synthetic_batch)}[part]()
         res["sections"][part] = {"note": NOTES[part], "rows": rows}
     res.update(title="Myopic training: cost, the synthetic task, the myopia gap",
                command="python benchmarks/myopic.py", machine=f"{platform.machine()}, {torch.get_num_threads()} threads")

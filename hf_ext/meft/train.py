@@ -58,7 +58,7 @@ class FinetuneConfig:
     lr: float | None = None
     warmup: float = 0.06
     weight_decay: float = 0.01
-    max_per_class: int | None = 500
+    max_per_class: int | None = 400
     seed: int = 0
 
     def __post_init__(self):

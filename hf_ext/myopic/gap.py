@@ -23,7 +23,8 @@ from ..errors import BadTextError
 @dataclass
 class GapConfig:
     """model: zoo name / folder / Hub id; train_text / eval_text: corpus specs (kept apart);
-    local_window: None = myopic, w = local myopic (gradients within the last w positions)."""
+    local_window: None = myopic, w = local myopic (gradients within the last w positions);
+    extra_local_windows: also fine-tune a local-myopic copy per window (reported as ``local{w}``)."""
 
     model: str = "smollm2-135m"
     train_text: str = "python-docs:train"
@@ -34,6 +35,7 @@ class GapConfig:
     lr: float = 3e-5
     warmup: float = 0.1
     local_window: int | None = None
+    extra_local_windows: tuple[int, ...] = ()
     eval_tokens: int = 16384
     window: int = 512
     seed: int = 0
@@ -98,11 +100,12 @@ def myopia_gap(cfg: GapConfig | None = None, progress: bool = True) -> tuple[dic
     models = {"tokenizer": tok}
     report = {**asdict(cfg), "train_tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
               "train_tokens_distinct": n * cfg.seq_len, "nll_base": perplexity(base, tok, eval_text, **ev)["nll"]}
-    for name in ("vanilla", "myopic"):
+    runs = {"vanilla": False, "myopic": cfg.local_window, **{f"local{w}": w for w in cfg.extra_local_windows}}
+    for name, window in runs.items():
         torch.manual_seed(cfg.seed)
         model = copy.deepcopy(base)
-        if name == "myopic":
-            enable_myopic(model, cfg.local_window)
+        if window is not False:
+            enable_myopic(model, window)
         report[f"train_seconds_{name}"] = finetune_lm(model, windows, cfg, progress, desc=f"finetune {name}")
         report[f"nll_{name}"] = perplexity(model, tok, eval_text, **ev)["nll"]
         report[f"ppl_{name}"] = math.exp(report[f"nll_{name}"])
@@ -110,4 +113,6 @@ def myopia_gap(cfg: GapConfig | None = None, progress: bool = True) -> tuple[dic
         models[name] = model
     report["ppl_base"] = math.exp(report["nll_base"])
     report["gap_nats"] = report["nll_myopic"] - report["nll_vanilla"]
+    for w in cfg.extra_local_windows:
+        report[f"gap_local{w}_nats"] = report[f"nll_local{w}"] - report["nll_vanilla"]
     return report, models
