@@ -7,7 +7,7 @@ speed: training steps (forward + backward) of the real SmolLM2-135M at batch 1 x
 attention implementations interleaved round-robin in one process; median seconds, ratio to eager,
 bytes the autograd graph holds for backward (graph walk, deduplicated by storage) and, on CUDA, peak
 memory. synthetic: ``hf-ext myopic synthetic`` at a CPU budget
-(2000 steps of 128 sequences by default; the paper trained ~30M sequences). gap: ``hf-ext myopic gap`` (SmolLM2,
+(1000 steps of 128 sequences by default; the paper trained ~30M sequences). gap: ``hf-ext myopic gap`` (SmolLM2,
 python-docs train/eval) at a CPU budget, myopic and local-myopic (w = 16).
 """
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="*", default=["speed", "synthetic", "gap"])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--synthetic-steps", type=int, default=2000)
+    ap.add_argument("--synthetic-steps", type=int, default=1000)
     ap.add_argument("--synthetic-batch", type=int, default=128)
     ap.add_argument("--gap-steps", type=int, default=30)
     ap.add_argument("--out", default="benchmarks/results/myopic.json")
