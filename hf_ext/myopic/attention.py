@@ -58,7 +58,10 @@ def enable_myopic(model, local_window: int | None = None):
                           "supported: llama, qwen2, mistral, gpt2, gpt_neox and other interface models")
     model.set_attn_implementation(NAME)
     for cfg in {id(c): c for c in _configs(model)}.values():
-        setattr(cfg, LOCAL_WINDOW_ATTR, local_window)
+        if local_window is not None:
+            setattr(cfg, LOCAL_WINDOW_ATTR, local_window)
+        elif hasattr(cfg, LOCAL_WINDOW_ATTR):
+            delattr(cfg, LOCAL_WINDOW_ATTR)
     return model
 
 
