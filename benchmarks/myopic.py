@@ -118,7 +118,8 @@ def main():
                 "synthetic": lambda: synthetic(args.synthetic_steps, args.synthetic_batch)}[part]()
         res["sections"][part] = {"note": NOTES[part], "rows": rows}
     res.update(title="Myopic training: cost, the synthetic task, the myopia gap",
-               command="python benchmarks/myopic.py", machine=f"{platform.machine()}, {torch.get_num_threads()} threads")
+               command="python benchmarks/myopic.py",
+               machine=f"{platform.machine()}, {torch.get_num_threads()} threads")
     order = [k for k in ("speed", "synthetic", "gap") if k in res["sections"]]
     res["sections"] = {k: res["sections"][k] for k in order}
     out.parent.mkdir(parents=True, exist_ok=True)

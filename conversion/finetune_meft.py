@@ -43,8 +43,9 @@ def run(args) -> None:
     model, tok, result = finetune(cfg)
     mcfg = model.peft_config["default"]
     result.update(lam=mcfg.lam, beta=mcfg.beta, label_names=list(load_task(args.task, "eval").label_names))
+    shown = {k: v for k, v in result.items() if not isinstance(v, list) and k not in ("method", "lora_r")}
     card = render_card("meft", base_model=HUB_IDS.get(args.model, str(args.model)), base_model_relation="adapter",
-                       metrics={k: v for k, v in result.items() if not isinstance(v, list) and k not in ("method", "lora_r")},
+                       metrics=shown,
                        tags=["meft", "peft", "reversible"], model_name=f"{args.model} MEFT ({args.variant}) "
                        f"on {args.task}", args=args, label_names=result["label_names"])
     out = save_converted(model, args.out, tokenizer=tok, card=card, overwrite=args.overwrite, report=result)

@@ -67,8 +67,10 @@ def myopic_attention(query, key, value, attention_mask=None, scaling=None, dropo
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=training)
     out = torch.matmul(probs, v0)                                             # (B, H, T, D)
-    if w == 1:
-        out = out + probs.diagonal(offset=s - t, dim1=-2, dim2=-1).unsqueeze(-1) * (value[:, :, s - t:] - v0[:, :, s - t:])
+    if w == 1:                                      # a_tt (v_t - sg(v_t)): value 0, gradient a_tt to v_t
+        v_own = value[:, :, s - t:]                                           # (B, H, T, D)
+        a_own = probs.diagonal(offset=s - t, dim1=-2, dim2=-1).unsqueeze(-1)   # (B, H, T, 1)
+        out = out + a_own * (v_own - v_own.detach())
     else:
         out = out + torch.matmul(probs * band, value - v0)
     return out.transpose(1, 2).contiguous(), probs
