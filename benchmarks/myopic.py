@@ -104,7 +104,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--synthetic-steps", type=int, default=1000)
     ap.add_argument("--synthetic-batch", type=int, default=128)
-    ap.add_argument("--gap-steps", type=int, default=30)
+    ap.add_argument("--gap-steps", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/myopic.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
