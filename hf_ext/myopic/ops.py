@@ -22,15 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import repeat_kv  # (B, Hkv, S, D) -> (B, H, S, D)
 
 UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:                # (B, Hkv, S, D) -> (B, H, S, D)
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
 def _band(t: int, s: int, w: int, device) -> torch.Tensor:
@@ -46,7 +40,7 @@ def myopic_attention(query, key, value, attention_mask=None, scaling=None, dropo
     if local_window is not None and local_window < 1:
         raise ValueError(f"local_window={local_window}: give a window of at least 1 position (1 = myopic)")
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     t, s = query.shape[2], key.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     k0, v0 = key.detach(), value.detach()
@@ -79,7 +73,7 @@ def myopic_attention(query, key, value, attention_mask=None, scaling=None, dropo
 def attention_reference(query, key, value, attention_mask=None, scaling=None):
     """Plain softmax attention with the same conventions (for forward checks)."""
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -91,7 +85,7 @@ def myopic_attention_naive(query, key, value, attention_mask=None, scaling=None,
     """Per-query loops, from the definition: for query t, keys/values of positions older than the window
     are detached. Same conventions as ``myopic_attention``; slow, for tests."""
     n_rep = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     t_len, s_len, w = query.shape[2], key.shape[2], local_window or 1
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     rows = []
