@@ -1,6 +1,7 @@
 """`hf-ext finetune meft`: fine-tune a classifier with MEFT reversible adapters, evaluate, save the adapter."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from .common import add_json_arg, add_output_args, emit, maybe_push
@@ -20,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
     p.add_argument("--max-per-class", type=int, default=400, help="cap on train examples per class (default 400)")
+    p.add_argument("--select-epoch", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the epoch with the best dev-split accuracy (default on)")
     p.add_argument("--seed", type=int, default=0)
     add_output_args(p)
     add_json_arg(p)
@@ -39,7 +42,8 @@ def run(args) -> None:
                          adapter_dim=args.adapter_dim, lam=args.lam, beta=args.beta,
                          reconstruction_dtype=args.reconstruction_dtype, epochs=args.epochs,
                          batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-                         max_per_class=args.max_per_class, seed=args.seed)
+                         max_per_class=args.max_per_class, select_epoch=args.select_epoch,
+                         seed=args.seed)
     model, tok, result = finetune(cfg)
     mcfg = model.peft_config["default"]
     result.update(lam=mcfg.lam, beta=mcfg.beta, label_names=list(load_task(args.task, "eval").label_names))

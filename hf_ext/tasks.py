@@ -9,9 +9,11 @@ python3.11-doc reST sources (see ``hf_ext.zoo.PYTHON_DOCS_DIR``).
 - Paragraphs whose text occurs in more than one section are dropped (they have no single label);
   repeats within one section are kept once.
 - The split is fixed and independent of file order: a paragraph is ``eval`` when the SHA-1 of its text
-  is 0 mod 10, otherwise ``train``. (A file-level split leaves faq and extending with no eval files.)
-- ``max_per_class`` caps each class (the first paragraphs in sorted-path order); library otherwise
-  outnumbers extending 35 to 1.
+  is 0 mod 10, ``dev`` when it is 1 mod 10, otherwise ``train``. (A file-level split leaves faq and
+  extending with no eval files.) ``dev`` is for choosing settings (epoch, learning rate); ``eval`` is
+  for reporting only.
+- ``max_per_class`` caps each class of the split (the first paragraphs in sorted-path order); library
+  otherwise outnumbers extending 35 to 1. Use it on ``train``; ``dev`` and ``eval`` keep the natural mix.
 
 Example:
     >>> from hf_ext.tasks import load_task
@@ -49,8 +51,12 @@ def _is_prose(p: str) -> bool:
     return len(p) >= 200 and not p.startswith("..") and sum(c.isalpha() for c in p) > 0.6 * len(p)
 
 
+SPLITS = ("train", "dev", "eval")
+
+
 def _split_of(text: str) -> str:
-    return "eval" if int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10 == 0 else "train"
+    r = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10
+    return SPLITS[2 - r] if r < 2 else "train"
 
 
 def docs_sections_paragraphs() -> dict[str, str]:
@@ -76,11 +82,11 @@ def docs_sections_paragraphs() -> dict[str, str]:
 
 
 def load_task(name: str, split: str, max_per_class: int | None = None) -> TextClassificationTask:
-    """A labelled split of a real task (see the module docstring). ``split`` is ``train`` or ``eval``."""
+    """A labelled split of a real task (see the module docstring). ``split``: ``train``, ``dev`` or ``eval``."""
     if name not in TASKS:
         raise BadTextError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
-    if split not in ("train", "eval"):
-        raise BadTextError(f"split '{split}' does not exist; use 'train' or 'eval'")
+    if split not in SPLITS:
+        raise BadTextError(f"split '{split}' does not exist; use one of {', '.join(SPLITS)}")
     if max_per_class is not None and max_per_class < 1:
         raise BadTextError(f"max_per_class={max_per_class} keeps nothing; give a positive number or None")
     texts, labels, seen = [], [], [0] * len(DOCS_SECTIONS)

@@ -40,7 +40,9 @@ class FinetuneConfig:
             ``None`` scales take the measured safe defaults.
         epochs, batch_size, max_length, lr (``None``: ``DEFAULT_LR[method]``), warmup (fraction of steps,
             linear decay after), weight_decay, seed.
-        max_per_class: cap on training paragraphs per class (eval is never capped).
+        max_per_class: cap on training paragraphs per class (dev and eval are never capped).
+        select_epoch: score the dev split after every epoch and keep the best epoch's weights (as
+            ``load_best_model_at_end`` does); the eval split is only scored once, at the end.
     """
 
     model: str = "minilm-l6"
@@ -59,6 +61,7 @@ class FinetuneConfig:
     warmup: float = 0.06
     weight_decay: float = 0.01
     max_per_class: int | None = 400
+    select_epoch: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -140,6 +143,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, accelerator=None) -> tu
 
     train = load_task(cfg.task, "train", cfg.max_per_class)
     test = load_task(cfg.task, "eval")
+    dev = load_task(cfg.task, "dev") if cfg.select_epoch else None
     acc = accelerator or Accelerator()
     set_seed(cfg.seed)
     model, tok = build_model(cfg, len(train.label_names))
@@ -151,8 +155,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, accelerator=None) -> tu
     model, opt, sched = acc.prepare(model, opt, sched)
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(total=total, desc=f"finetune {cfg.method}", disable=not progress or not acc.is_main_process)
-    t0, losses = time.perf_counter(), []
-    for _ in range(cfg.epochs):
+    t0, losses, dev_curve, best = time.perf_counter(), [], [], None
+    for epoch in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train), generator=gen).tolist()
         for b in _batches(tok, train.texts, train.labels, cfg.batch_size, cfg.max_length, order):
@@ -164,11 +168,21 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, accelerator=None) -> tu
             losses.append(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if dev is not None:
+            dev_curve.append(evaluate(model, tok, dev, max_length=cfg.max_length, device=acc.device)["accuracy"])
+            if best is None or dev_curve[-1] > dev_curve[best[0]]:
+                best = (epoch, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     bar.close()
     seconds = time.perf_counter() - t0
     model = acc.unwrap_model(model)
+    if best is not None:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for n, v in best[1].items():
+                named[n.removeprefix("module.")].copy_(v)
     result = {**asdict(cfg), **evaluate(model, tok, test, max_length=cfg.max_length, device=acc.device),
               "train_examples": len(train), "eval_examples": len(test), "steps": total,
               "final_train_loss": sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:]),
-              "train_seconds": seconds, "trainable_params": trainable_parameters(model)}
+              "train_seconds": seconds, "trainable_params": trainable_parameters(model),
+              "dev_accuracy_per_epoch": dev_curve, "selected_epoch": None if best is None else best[0] + 1}
     return model, tok, result

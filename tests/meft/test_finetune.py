@@ -15,10 +15,11 @@ from hf_ext.zoo import resolve_model
 
 
 def test_docs_sections_split_is_fixed_disjoint_and_labelled():
-    train, test = load_task("docs-sections", "train"), load_task("docs-sections", "eval")
-    assert not set(train.texts) & set(test.texts)
-    assert set(test.labels) == set(range(len(DOCS_SECTIONS)))       # every class is in eval
-    assert 0.05 < len(test) / (len(train) + len(test)) < 0.15
+    train, dev, test = (load_task("docs-sections", s) for s in ("train", "dev", "eval"))
+    assert not set(train.texts) & set(test.texts) and not set(dev.texts) & (set(train.texts) | set(test.texts))
+    for split in (dev, test):
+        assert set(split.labels) == set(range(len(DOCS_SECTIONS)))      # every class is in dev and eval
+        assert 0.05 < len(split) / (len(train) + len(dev) + len(test)) < 0.15
     capped = load_task("docs-sections", "train", max_per_class=50)
     assert max(capped.class_counts().values()) == 50 and set(capped.texts) <= set(train.texts)
     assert load_task("docs-sections", "eval").texts == test.texts    # deterministic
@@ -29,7 +30,7 @@ def test_bad_task_and_settings():
 
     with pytest.raises(BadTextError, match="available: docs-sections"):
         load_task("glue", "train")
-    with pytest.raises(BadTextError, match="'train' or 'eval'"):
+    with pytest.raises(BadTextError, match="use one of train, dev, eval"):
         load_task("docs-sections", "test")
     with pytest.raises(FinetuneError, match="choose one of meft, lora, full"):
         FinetuneConfig(method="prefix")
@@ -64,6 +65,16 @@ def test_cli_finetune_saves_an_adapter_that_reloads_exactly(tiny_bert_dir, tmp_p
     tok = AutoTokenizer.from_pretrained(out)
     again = evaluate(model, tok, load_task("docs-sections", "eval"), max_length=32)
     assert again["accuracy"] == result["accuracy"]          # the saved adapter + head are the trained ones
+
+
+def test_select_epoch_keeps_the_best_dev_epoch(tiny_bert_dir):
+    from hf_ext.meft.train import finetune
+
+    cfg = FinetuneConfig(model=str(tiny_bert_dir), method="meft", epochs=3, max_per_class=8, max_length=32, lr=3e-2)
+    model, tok, result = finetune(cfg, progress=False)
+    curve = result["dev_accuracy_per_epoch"]
+    assert len(curve) == 3 and result["selected_epoch"] == 1 + curve.index(max(curve))
+    assert evaluate(model, tok, load_task("docs-sections", "dev"), max_length=32)["accuracy"] == max(curve)
 
 
 def test_cli_bad_input_leaves_nothing(tiny_bert_dir, tmp_path, capsys):
