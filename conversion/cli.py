@@ -3,6 +3,7 @@
     hf-ext convert <technique> ...   upcycle / convert a checkpoint (see `hf-ext convert -h`)
     hf-ext finetune meft ...         fine-tune with a memory-light technique (see `hf-ext finetune -h`)
     hf-ext myopic synthetic|gap      myopic training, measured
+    hf-ext data tokens|images|info   fast data path: memory-mapped stores
     hf-ext eval perplexity ...       measure a model
     hf-ext push DIR REPO_ID          upload a folder
     hf-ext zoo list|fetch            offline checkpoints
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, convert_export, convert_mla, finetune_meft, myopic_cmd
+from . import commands, convert_export, convert_mla, data_cmd, finetune_meft, myopic_cmd
 
 CONVERTERS = [convert_mla, convert_export]
 FINETUNERS = [finetune_meft]
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in FINETUNERS:
         f.add_parser(ft)
     myopic_cmd.add_parsers(sub)
+    data_cmd.add_parsers(sub)
     commands.add_parsers(sub)
     return parser
 

@@ -183,3 +183,16 @@ def load_corpus(spec: str, max_chars: int | None = None) -> str:
     if not text.strip():
         raise BadTextError(f"text '{spec}' is empty; give a file with some text in it")
     return text[:max_chars] if max_chars else text
+
+
+# ------------------------------------------------------------------------------------------ images
+def real_images() -> list[Path]:
+    """The real photos that ship inside scikit-image's wheel (``skimage/data/*.png|jpg``), sorted.
+
+    They feed the image stores, the ViT activation store and the SR evaluation (see REAL_ASSETS.md).
+    """
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        raise MissingAssetError("the real test photos come with scikit-image: pip install scikit-image")
+    data = Path(spec.origin).parent / "data"
+    return sorted(p for p in data.iterdir() if p.suffix in (".png", ".jpg"))
