@@ -226,6 +226,10 @@ class Shard:
         n = max(self.count * self.record_bytes, 1)  # np.memmap refuses an empty map
         self._records = np.memmap(self.path, np.uint8, "r", self.header["data_offset"], (n,))
         self.records = self._records[: self.count * self.record_bytes].reshape(self.count, self.record_bytes)
+        ends = np.cumsum([f.nbytes for f in self.fields]).tolist()
+        self._columns = [(f, e - f.nbytes, e) for f, e in zip(self.fields, ends)]  # byte range of each field
+        # one opaque item per record, so a gather is one memcpy per record rather than a byte-wise take
+        self._items = self._records[: self.count * self.record_bytes].view(np.dtype((np.void, self.record_bytes)))
         self.blob = (np.memmap(self.path, np.uint8, "r", self.header["blob_offset"], (self.header["blob_bytes"],))
                      if self.header["blob_bytes"] else None)
 
@@ -238,17 +242,18 @@ class Shard:
 
     def gather(self, idx: np.ndarray) -> dict:
         """Records ``idx`` as ``{field: tensor (len(idx), *shape)}``; variable fields give a list of uint8 tensors."""
-        raw = self.records[idx]  # one copy of the rows: (len(idx), record_bytes) uint8
-        out, col = {}, 0
-        for f in self.fields:
-            part = raw[:, col:col + f.nbytes]
-            col += f.nbytes
+        if idx.size and idx[-1] - idx[0] + 1 == idx.size and np.all(np.diff(idx) == 1):
+            raw = np.array(self.records[idx[0]:idx[-1] + 1])        # a contiguous run: one memcpy
+        else:
+            raw = self._items[idx].view(np.uint8).reshape(idx.size, self.record_bytes)
+        out = {}
+        for f, lo, hi in self._columns:
+            part = raw[:, lo:hi] if len(self._columns) > 1 else raw
             if f.variable:
                 ol = np.ascontiguousarray(part).view("<u8")
                 out[f.name] = [torch.from_numpy(np.array(self.blob[o:o + n])) for o, n in ol.tolist()]
                 continue
-            store, tdtype = DTYPES[f.dtype]
-            arr = np.ascontiguousarray(part).view(store).reshape(len(raw), *f.shape)
+            arr = np.ascontiguousarray(part).view(DTYPES[f.dtype][0]).reshape(len(raw), *f.shape)
             t = torch.from_numpy(arr)
             out[f.name] = t.view(torch.bfloat16) if f.dtype == "bfloat16" else t
         return out

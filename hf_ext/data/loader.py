@@ -150,6 +150,10 @@ class Loader:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        finally:
+        finally:  # stopped early (break) or done: free the producer from a full queue, then wait for it
             stop.set()
-            worker.join()
+            while worker.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(0.001)

@@ -208,25 +208,28 @@ class ShardedDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a store of {len(self)} records")
-        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
-        parts, order = [], []
-        for k in np.unique(shard_of):
-            sel = np.nonzero(shard_of == k)[0]
-            parts.append(self.shards[k].gather(idx[sel] - self.offsets[k]))
-            order.append(sel)
-        if len(parts) == 1:
-            out = parts[0]
-            pos = order[0]
-        else:
-            out = {f.name: (sum((p[f.name] for p in parts), []) if f.variable else torch.cat([p[f.name] for p in parts]))
-                   for f in self.fields}
-            pos = np.concatenate(order)
-        if not np.array_equal(pos, np.arange(len(idx))):  # put records back in the order asked for
-            inv = torch.from_numpy(np.argsort(pos))
-            out = {k: ([v[i] for i in inv.tolist()] if isinstance(v, list) else v[inv]) for k, v in out.items()}
+        if len(self.shards) == 1:
+            out = self.shards[0].gather(idx)
+        elif idx.size < 2 or np.all(idx[1:] >= idx[:-1]):  # sorted (the Loader's batches): split in place
+            cuts = np.searchsorted(idx, self.offsets[1:-1])
+            parts = [self.shards[k].gather(part - self.offsets[k])
+                     for k, part in enumerate(np.split(idx, cuts)) if part.size]
+            out = parts[0] if len(parts) == 1 else self._concat(parts)
+        else:  # any order: gather sorted, then put the records back in the order asked for
+            perm = np.argsort(idx, kind="stable")
+            out = self.__getitems__(idx[perm])
+            out.pop("index", None)
+            inv = np.empty_like(perm)
+            inv[perm] = np.arange(perm.size)
+            out = {k: [v[i] for i in inv.tolist()] if isinstance(v, list) else v[torch.from_numpy(inv)]
+                   for k, v in out.items()}
         if self.with_index:
             out["index"] = torch.from_numpy(idx)
         return out
+
+    def _concat(self, parts: list[dict]) -> dict:
+        return {f.name: sum((p[f.name] for p in parts), []) if f.variable else torch.cat([p[f.name] for p in parts])
+                for f in self.fields}
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[0] for k, v in self.__getitems__([int(i)]).items()}
