@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--distill-tokens", type=int, default=0, help="distillation tokens after upcycling (default 0)")
     p.add_argument("--train-text", default="python-docs:train", help="distillation text (default python-docs:train)")
+    p.add_argument("--train-store", help="distil on an hf-ext token store instead of --train-text "
+                   "(`hf-ext data tokens --window SEQ_LEN`): memory-mapped, read by the fast loader")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -46,6 +48,11 @@ def run(args) -> None:
     from hf_ext.mla.measure import kv_bytes_per_token
     from hf_ext.zoo import HUB_IDS, load_corpus
 
+    store = None
+    if args.train_store and args.distill_tokens > 0:
+        from hf_ext.data import ShardedDataset
+
+        store = ShardedDataset(args.train_store)  # a missing or incomplete store fails before the model loads
     eval_text, model, tok = load_source(args)
     if args.lossless:
         ucfg = UpcycleConfig.lossless(model.config)
@@ -65,7 +72,7 @@ def run(args) -> None:
     result = {"model": args.model, **{k: report[k] for k in ("kv_values_per_token_source", "kv_values_per_token", "kv_ratio")},
               "ppl_source": ppl_src, "ppl_upcycled": ppl_up, "ppl_converted": ppl_up, "distill_tokens": 0}
     if args.distill_tokens > 0:
-        train_ids = tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
+        train_ids = store or tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
         log = distill(mla, model, train_ids, DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len,
                       batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],

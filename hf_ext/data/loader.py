@@ -157,3 +157,39 @@ class Loader:
                     q.get_nowait()
                 except queue.Empty:
                     worker.join(0.001)
+
+
+def token_batches(store, batch_size: int, seq_len: int, steps: int, start: int = 0, seed: int = 0,
+                  device=None, vocab_size: int | None = None):
+    """``input_ids`` batches (batch_size, seq_len) int64 for training steps ``start .. steps-1``, from a token
+    store, epoch after epoch in random order, this rank's share only (``drop_last``: ranks stay in step).
+
+    Step k of a run is always the same batch, so a run resumed at ``start`` continues exactly.
+    """
+    from .store import ShardedDataset
+
+    ds = store if isinstance(store, ShardedDataset) else ShardedDataset(store)
+    field = ds.fields[0]
+    if field.name != "input_ids" or field.variable or field.shape != (seq_len,):
+        raise DataFormatError(f"store {ds.root} holds {field.name} {field.shape}; training needs input_ids "
+                              f"windows of {seq_len} tokens. Write it with `hf-ext data tokens --window {seq_len}`")
+    store_vocab = ds.provenance.get("vocab_size")
+    if vocab_size is not None and store_vocab is not None and store_vocab > vocab_size:
+        raise DataFormatError(f"store {ds.root} was tokenized with {store_vocab} ids ({ds.provenance.get('tokenizer')}), "
+                              f"more than the model's {vocab_size}; write it with the model's tokenizer")
+    loader = Loader(ds, batch_size, order="random", seed=seed, drop_last=True, device=device)
+    if len(loader) == 0:
+        raise DataFormatError(f"store {ds.root} has {len(ds)} windows, fewer than one batch of {batch_size} per "
+                              "process; write more text into it or lower the batch size")
+    loader.set_epoch(start // len(loader), start % len(loader))
+
+    def batches():  # the checks above run now, not at the first batch
+        step = start
+        while step < steps:
+            for batch in loader:
+                yield batch["input_ids"]
+                step += 1
+                if step == steps:
+                    return
+
+    return batches()

@@ -7,6 +7,7 @@ multi-GPU DDP (``accelerate launch``); checkpoints are accelerate states, so a r
 Example:
     >>> from hf_ext.mla.distill import distill, DistillConfig
     >>> log = distill(mla, source, train_ids, DistillConfig(tokens=200_000))   # doctest: +SKIP
+    >>> log = distill(mla, source, "tokens/", DistillConfig(tokens=200_000))   # an hf-ext token store  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -62,9 +63,12 @@ def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids.flatten()[: n * seq_len].view(n, seq_len)
 
 
-def distill(student, teacher, train_ids: torch.Tensor, config: DistillConfig | None = None,
+def distill(student, teacher, train_ids, config: DistillConfig | None = None,
             progress: bool = True, accelerator=None, on_step=None) -> dict:
     """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss.
+
+    ``train_ids``: a 1-D tensor of token ids (cut into ``seq_len`` windows), or an hf-ext token store
+    (folder or ``ShardedDataset`` of ``seq_len`` windows, see ``hf_ext.data``) read by its fast loader.
 
     ``on_step(step, tokens)`` is called after every optimiser step (e.g. to evaluate a learning curve);
     the time it takes is excluded from ``seconds``.
@@ -77,7 +81,6 @@ def distill(student, teacher, train_ids: torch.Tensor, config: DistillConfig | N
     cfg = config or DistillConfig()
     acc = accelerator or Accelerator()
     set_seed(cfg.seed)
-    data = _windows(train_ids, cfg.seq_len)
     steps = max(1, cfg.tokens // (cfg.seq_len * cfg.batch_size * acc.num_processes))
     names = set(trainable_names(student, cfg.trainable))
     for n, p in student.named_parameters():
@@ -85,11 +88,18 @@ def distill(student, teacher, train_ids: torch.Tensor, config: DistillConfig | N
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * steps), steps)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(math.ceil(steps * cfg.batch_size / len(data)) + 1)])
-    loader = torch.utils.data.DataLoader(data[order[: steps * cfg.batch_size * acc.num_processes]], batch_size=cfg.batch_size)
+    from_store = not isinstance(train_ids, torch.Tensor)
+    if not from_store:
+        data = _windows(train_ids, cfg.seq_len)
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.cat([torch.randperm(len(data), generator=g)
+                           for _ in range(math.ceil(steps * cfg.batch_size / len(data)) + 1)])
+        loader = torch.utils.data.DataLoader(data[order[: steps * cfg.batch_size * acc.num_processes]],
+                                             batch_size=cfg.batch_size)
     student.train()
-    student, opt, loader, sched = acc.prepare(student, opt, loader, sched)
+    student, opt, sched = acc.prepare(student, opt, sched)
+    if not from_store:
+        loader = acc.prepare(loader)
     teacher = teacher.to(acc.device).eval()
     start = 0
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
@@ -97,7 +107,13 @@ def distill(student, teacher, train_ids: torch.Tensor, config: DistillConfig | N
         acc.load_state(str(ckpt))
         start = int((ckpt / "step.txt").read_text())
     losses, t0, paused = [], time.perf_counter(), 0.0
-    it = iter(acc.skip_first_batches(loader, start) if start else loader)
+    if from_store:
+        from ..data.loader import token_batches
+
+        it = token_batches(train_ids, cfg.batch_size, cfg.seq_len, steps, start, cfg.seed, acc.device,
+                           acc.unwrap_model(student).config.vocab_size)
+    else:
+        it = iter(acc.skip_first_batches(loader, start) if start else loader)
     bar = tqdm(range(start, steps), desc="mla: distill", unit="step", disable=not (progress and acc.is_main_process))
     for step in bar:
         x = next(it)

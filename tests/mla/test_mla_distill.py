@@ -95,3 +95,47 @@ def test_distill_ddp_two_cpu_processes(tmp_path):
     rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", r.stdout)]  # the two ranks' prints may interleave
     assert sorted(x["rank"] for x in rows) == [0, 1] and all(x["n"] == 2 and x["steps"] == 8 for x in rows)
     assert rows[0]["w"] == pytest.approx(rows[1]["w"], abs=1e-6)  # DDP kept both replicas identical
+
+
+def _token_store(path, ids, seq_len=32):
+    from hf_ext.data import Field, StoreWriter
+
+    n = ids.numel() // seq_len
+    with StoreWriter(path, [Field("input_ids", "uint16", (seq_len,))], {"vocab_size": 128}, shard_records=40) as w:
+        w.write_batch({"input_ids": ids[: n * seq_len].view(n, seq_len)})
+    return path
+
+
+def test_distill_from_a_token_store_learns_and_resumes_exactly(tmp_path):
+    mla, src, ids = student_teacher()
+    store = _token_store(tmp_path / "tok", ids)
+    kl0 = kl(mla, src, ids)
+    log = distill(mla, src, str(store), DistillConfig(tokens=40 * 4 * 32, seq_len=32, batch_size=4, lr=3e-3),
+                  progress=False)
+    assert log["steps"] == 40 and kl(mla, src, ids) < 0.7 * kl0  # as from a tensor of ids (the first test)
+
+    cfg = dict(tokens=12 * 2 * 32, seq_len=32, batch_size=2, lr=1e-3, checkpoint_every=4)
+    full, src, ids = student_teacher()
+    distill(full, src, store, DistillConfig(**cfg), progress=False)
+
+    def interrupt(step, tokens):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    part, src, ids = student_teacher()
+    with pytest.raises(KeyboardInterrupt):
+        distill(part, src, store, DistillConfig(**cfg, checkpoint_dir=str(tmp_path / "ck")), progress=False,
+                on_step=interrupt)
+    resumed, src, ids = student_teacher()
+    distill(resumed, src, store, DistillConfig(**cfg, checkpoint_dir=str(tmp_path / "ck")), progress=False)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+
+
+def test_distill_refuses_a_store_of_other_windows(tmp_path):
+    from hf_ext.data import DataFormatError
+
+    mla, src, ids = student_teacher()
+    store = _token_store(tmp_path / "tok", ids, seq_len=64)
+    with pytest.raises(DataFormatError, match="windows of 32 tokens. Write it with `hf-ext data tokens --window 32`"):
+        distill(mla, src, store, DistillConfig(tokens=256, seq_len=32, batch_size=2), progress=False)
