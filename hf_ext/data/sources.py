@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import shutil
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,6 +94,10 @@ def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: i
                 skip -= drop
                 if n > drop:
                     writer.write_batch({"input_ids": rows[drop:]})
+    if writer.index["count"] == 0:
+        shutil.rmtree(out)
+        raise DataFormatError(f"the text gives {len(buf)} tokens, fewer than one window of {window}; give more "
+                              "text or a smaller --window")
     return writer.index
 
 

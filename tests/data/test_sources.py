@@ -93,6 +93,10 @@ def test_token_dtype_and_bad_input(tmp_path, capsys):
     assert main(["data", "tokens", "--text-files", "python-docs:eval", "--tokenizer", "smollm2-135m",
                  "--window", "1", "--out", str(tmp_path / "o")]) == 2
     assert "at least 2 tokens" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "short.txt").write_text("Too short.")
+    assert main(["data", "tokens", "--text-files", str(tmp_path / "short.txt"), "--tokenizer", "smollm2-135m",
+                 "--window", "64", "--out", str(tmp_path / "o")]) == 2
+    assert "fewer than one window of 64" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
