@@ -4,6 +4,7 @@
     hf-ext finetune meft ...         fine-tune with a memory-light technique (see `hf-ext finetune -h`)
     hf-ext myopic synthetic|gap      myopic training, measured
     hf-ext data tokens|images|info   fast data path: memory-mapped stores
+    hf-ext hooks cache / sae train   activation stores and sparse autoencoders
     hf-ext eval perplexity ...       measure a model
     hf-ext push DIR REPO_ID          upload a folder
     hf-ext zoo list|fetch            offline checkpoints
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import commands, convert_export, convert_mla, data_cmd, finetune_meft, myopic_cmd
+from . import commands, convert_export, convert_mla, data_cmd, finetune_meft, hooks_cmd, myopic_cmd
 
 CONVERTERS = [convert_mla, convert_export]
 FINETUNERS = [finetune_meft]
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_parser(ft)
     myopic_cmd.add_parsers(sub)
     data_cmd.add_parsers(sub)
+    hooks_cmd.add_parsers(sub)
     commands.add_parsers(sub)
     return parser
 

@@ -146,7 +146,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
         im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
         w, h = im.size
         left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(im.crop((left, top, left + size, top + size)))
+        return np.array(im.crop((left, top, left + size, top + size)))
 
 
 def write_images(root: str | os.PathLike, size: int, out: str | os.PathLike, encode: str | None = None,
