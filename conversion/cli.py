@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     myopic_cmd.add_parsers(sub)
     data_cmd.add_parsers(sub)
     hooks_cmd.add_parsers(sub)
+    hooks_cmd.add_sae_parsers(sub)
     commands.add_parsers(sub)
     return parser
 

@@ -10,5 +10,11 @@ Example:
 """
 from .families import SUPPORTED, HookError
 from .hooked import ActivationCache, HookedVision, HookPoint
+from .sae import SAEConfig, SAEError, SparseAutoencoder
+from .sae_train import SAETrainConfig, evaluate_sae, train_sae
+from .splice import spliced_loss
+from .store import cache_activations, image_batches, text_batches
 
-__all__ = ["SUPPORTED", "ActivationCache", "HookError", "HookPoint", "HookedVision"]
+__all__ = ["SUPPORTED", "ActivationCache", "HookError", "HookPoint", "HookedVision", "SAEConfig", "SAEError",
+           "SAETrainConfig", "SparseAutoencoder", "cache_activations", "evaluate_sae", "image_batches",
+           "spliced_loss", "text_batches", "train_sae"]

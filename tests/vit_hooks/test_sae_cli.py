@@ -1,0 +1,58 @@
+"""`hf-ext sae train` end to end, splicing an SAE back into a model, and a real SAE on SmolLM2 activations."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_causal_lm
+from conversion.cli import main
+from hf_ext.data import ShardedDataset, write_rows
+from hf_ext.vit_hooks import HookedVision
+from hf_ext.vit_hooks.sae import SAEConfig, SparseAutoencoder
+from hf_ext.vit_hooks.splice import next_token_loss, spliced_loss
+
+
+def _sparse_rows(n, d=16, atoms=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=1)
+    codes = torch.rand(n, atoms, generator=g) * (torch.rand(n, atoms, generator=g) < 3 / atoms)
+    return codes @ dictionary
+
+
+def test_cli_trains_saves_and_reloads_an_sae(tmp_path, capsys):
+    write_rows([_sparse_rows(8192)], tmp_path / "acts", dtype="float32", name="activations",
+               provenance={"model": "synthetic", "hook_name": "blocks.0.hook_resid_post"})
+    out = tmp_path / "sae"
+    assert main(["sae", "train", "--store", str(tmp_path / "acts"), "--variant", "topk", "--k", "4", "--expansion",
+                 "4", "--batch-size", "256", "--total-rows", "100000", "--lr", "3e-3", "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["eval_explained_variance"] > 0.8 and r["eval_l0"] <= 4 and r["hook_name"] == "blocks.0.hook_resid_post"
+    assert {"cfg.json", "sae_weights.safetensors", "README.md", "hf_ext_report.json"} <= {p.name for p in out.iterdir()}
+    sae = SparseAutoencoder.from_pretrained(out)
+    x = ShardedDataset(tmp_path / "acts").__getitems__(range(0, 8192, 20))["activations"]  # the held-out rows
+    ev = 1 - ((sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert ev.item() == pytest.approx(r["eval_explained_variance"], abs=1e-4)
+    assert main(["sae", "train", "--store", str(tmp_path / "acts"), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["sae", "train", "--store", str(tmp_path / "nothing"), "--out", str(tmp_path / "s2")]) == 2
+    assert "not an hf-ext store" in capsys.readouterr().err and not (tmp_path / "s2").exists()
+
+
+@torch.no_grad()
+def test_splicing_an_identity_sae_recovers_everything():
+    model = tiny_causal_lm()
+    hv = HookedVision(model)
+    d = model.config.hidden_size
+    sae = SparseAutoencoder(SAEConfig(d_in=d, d_sae=2 * d, architecture="standard"))
+    sae.W_enc.zero_(), sae.W_dec.zero_(), sae.b_enc.zero_(), sae.b_dec.zero_()
+    sae.W_enc[:, :d] = torch.eye(d)            # ReLU(x) - ReLU(-x) = x: an exact reconstruction
+    sae.W_enc[:, d:] = -torch.eye(d)
+    sae.W_dec[:d] = torch.eye(d)
+    sae.W_dec[d:] = -torch.eye(d)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    r = spliced_loss(hv, sae, "blocks.0.hook_resid_post", [{"input_ids": ids}], next_token_loss)
+    assert r["loss_spliced"] == pytest.approx(r["loss_clean"], abs=1e-5)
+    assert r["loss_zero_ablated"] != pytest.approx(r["loss_clean"], abs=1e-3)
+    assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
