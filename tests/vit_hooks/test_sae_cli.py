@@ -56,3 +56,23 @@ def test_splicing_an_identity_sae_recovers_everything():
     assert r["loss_spliced"] == pytest.approx(r["loss_clean"], abs=1e-5)
     assert r["loss_zero_ablated"] != pytest.approx(r["loss_clean"], abs=1e-3)
     assert r["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.real
+def test_real_sae_on_minilm_activations_generalises(tmp_path):
+    from hf_ext.vit_hooks import SAETrainConfig, cache_activations, evaluate_sae, text_batches, train_sae
+    from hf_ext.vit_hooks.models import load_hookable
+    from hf_ext.zoo import corpus_files
+
+    h = load_hookable("minilm-l6")
+    hv = HookedVision(h.model)
+    hook = "blocks.3.hook_resid_post"
+    for split, rows in (("train", 16384), ("eval", 2048)):
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in corpus_files(f"python-docs:{split}"))
+        cache_activations(hv, hook, text_batches(h.tokenizer, texts, 128, 8), tmp_path / split, max_rows=rows,
+                          model_name=h.name, progress=False)
+    sae, log = train_sae(tmp_path / "train", SAEConfig(d_in=384, d_sae=1536, architecture="topk", k=16),
+                         SAETrainConfig(batch_size=1024, total_rows=4 * 16384, lr=1e-3, eval_every=0), progress=False)
+    ev = evaluate_sae(sae, tmp_path / "eval")                     # other files than the training text
+    assert ev["l0"] <= 16 and ev["explained_variance"] > 0.6, ev
+    assert sae.config.hook_name == hook and sae.config.model_name == h.name
