@@ -36,6 +36,7 @@ def add_parsers(sub) -> None:
 def _common(p) -> None:
     p.add_argument("--out", required=True, help="store folder; an interrupted write to it resumes")
     p.add_argument("--overwrite", action="store_true", help="replace a complete store at --out")
+    p.add_argument("--append", action="store_true", help="add records to a complete store with the same settings")
     p.add_argument("--shard-records", type=int, default=None, help="records per shard (default ~256 MiB)")
     add_json_arg(p)
 
@@ -51,7 +52,7 @@ def run_tokens(args) -> None:
 
     files = [f for spec in args.text_files for f in corpus_files(spec)]
     index = write_token_windows(files, args.tokenizer, args.window, args.out, dtype=args.dtype,
-                                shard_records=args.shard_records, overwrite=args.overwrite)
+                                shard_records=args.shard_records, overwrite=args.overwrite, append=args.append)
     s = _summary(index, args.out)
     emit({"windows": s["records"], "tokens": s["records"] * args.window, "bytes": s["bytes"],
           "dtype": index["fields"][0]["dtype"], "shards": s["shards"], "out": s["out"]}, args.json)
@@ -61,7 +62,7 @@ def run_images(args) -> None:
     from hf_ext.data import write_images
 
     index = write_images(args.dir, args.size, args.out, encode=None if args.encode == "none" else args.encode,
-                         shard_records=args.shard_records, overwrite=args.overwrite)
+                         shard_records=args.shard_records, overwrite=args.overwrite, append=args.append)
     s = _summary(index, args.out)
     emit({"images": s["records"], "classes": len(index["provenance"]["classes"]), "bytes": s["bytes"],
           "shards": s["shards"], "out": s["out"]}, args.json)

@@ -21,6 +21,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init timm model")
     p.add_argument("--out", required=True, help="store folder; an interrupted run resumes")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--append", action="store_true", help="add rows to a complete store of the same model and hook")
     add_json_arg(p)
     p.set_defaults(func=run_cache)
 
@@ -46,7 +47,8 @@ def run_cache(args) -> None:
         texts = (f.read_text(encoding="utf-8", errors="replace") for f in files)
         batches = text_batches(h.tokenizer, texts, args.seq_len, args.batch_size)
     index = cache_activations(hv, args.hook, batches, args.out, cls_only=args.cls_only, dtype=args.dtype,
-                              model_name=h.name, sources=files, max_rows=args.max_rows, overwrite=args.overwrite)
+                              model_name=h.name, sources=files, max_rows=args.max_rows, overwrite=args.overwrite,
+                              append=args.append)
     emit({"rows": index["count"], "width": index["fields"][0]["shape"][0], "dtype": args.dtype, "hook": args.hook,
           "model": h.name, "bytes": sum(s["bytes"] for s in index["shards"]), "out": args.out}, args.json)
 

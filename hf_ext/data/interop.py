@@ -72,7 +72,7 @@ def from_hf_dataset(ds, out: str | os.PathLike, columns: list[str] | None = None
                   "fingerprint": ds._fingerprint}
     writer = StoreWriter(out, fields, provenance, overwrite=overwrite)
     with writer:
-        for i in range(writer.count, len(ds), batch_size):
+        for i in range(writer.resume_skip, len(ds), batch_size):
             rows = view[i:i + batch_size]
             writer.write_batch({f.name: _as_records(f, rows[f.name]) for f in fields})
     return writer.index

@@ -54,7 +54,7 @@ def token_dtype(vocab_size: int, dtype: str = "auto") -> str:
 
 def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: int, out: str | os.PathLike,
                         dtype: str = "auto", shard_records: int | None = None, overwrite: bool = False,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, append: bool = False) -> dict:
     """Tokenize text files into fixed windows of ``window`` token ids (field ``input_ids``).
 
     Files are read in the given order and joined by the tokenizer's EOS (when it has one) into one token
@@ -79,8 +79,9 @@ def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: i
     dtype = token_dtype(len(tokenizer), dtype)
     provenance = {"kind": "tokens", "tokenizer": str(name), "vocab_size": len(tokenizer), "window": window,
                   "eos_between_files": tokenizer.eos_token_id is not None, "sources": _sources(files)}
-    writer = StoreWriter(out, [Field("input_ids", dtype, (window,))], provenance, shard_records, overwrite=overwrite)
-    skip, buf = writer.count, np.empty(0, np.int64)
+    writer = StoreWriter(out, [Field("input_ids", dtype, (window,))], provenance, shard_records, overwrite=overwrite,
+                         append=append)
+    skip, buf = writer.resume_skip, np.empty(0, np.int64)
     with writer:
         for f in tqdm(files, desc="data: tokenize", unit="file", disable=not progress):
             ids = tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
@@ -94,7 +95,7 @@ def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: i
                 skip -= drop
                 if n > drop:
                     writer.write_batch({"input_ids": rows[drop:]})
-    if writer.index["count"] == 0:
+    if writer.index["count"] == 0 and not append:
         shutil.rmtree(out)
         raise DataFormatError(f"the text gives {len(buf)} tokens, fewer than one window of {window}; give more "
                               "text or a smaller --window")
@@ -103,15 +104,15 @@ def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: i
 
 def write_rows(batches: Iterable, out: str | os.PathLike, dtype: str = "float16", name: str = "x",
                provenance: dict | None = None, shard_records: int | None = None, overwrite: bool = False,
-               page_size: int = DEFAULT_PAGE_SIZE) -> dict:
+               page_size: int = DEFAULT_PAGE_SIZE, append: bool = False) -> dict:
     """Dense rows (activations): an iterable of (N, D) arrays or tensors, stored as ``dtype``."""
     it = iter(batches)
     first = next(it, None)
     if first is None:
         raise DataFormatError("no rows to write; the iterable was empty")
     writer = StoreWriter(out, [Field(name, dtype, tuple(first.shape[1:]))], provenance, shard_records,
-                         page_size, overwrite=overwrite)
-    skip = writer.count  # rows an interrupted run already wrote
+                         page_size, overwrite=overwrite, append=append)
+    skip = writer.resume_skip  # rows an interrupted run already wrote
     with writer:
         for b in itertools.chain([first], it):
             drop = min(skip, len(b))
@@ -151,7 +152,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def write_images(root: str | os.PathLike, size: int, out: str | os.PathLike, encode: str | None = None,
                  quality: int = 90, batch: int = 64, shard_records: int | None = None, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, append: bool = False) -> dict:
     """Images at ``size`` x ``size``: raw uint8 HWC (field ``image``), or re-encoded (``encode="jpeg"``/``"png"``,
     a variable-length field decoded by ``decode_images``). Class sub-folders add an int64 ``label``."""
     from PIL import Image
@@ -168,9 +169,9 @@ def write_images(root: str | os.PathLike, size: int, out: str | os.PathLike, enc
     provenance = {"kind": "images", "size": size, "encode": encode, "classes": classes, "resize": "shorter side, "
                   "bicubic, centre crop", "sources": [{**s, "file": str(Path(s["file"]).relative_to(root))}
                                                        for s in _sources(files)]}
-    writer = StoreWriter(out, fields, provenance, shard_records, overwrite=overwrite)
+    writer = StoreWriter(out, fields, provenance, shard_records, overwrite=overwrite, append=append)
     with writer:
-        for i in tqdm(range(writer.count, len(files), batch), desc="data: images", unit="batch", disable=not progress):
+        for i in tqdm(range(writer.resume_skip, len(files), batch), desc="data: images", unit="batch", disable=not progress):
             pix = [load_image(f, size) for f in files[i:i + batch]]
             if encode:
                 encoded = []

@@ -64,10 +64,14 @@ class StoreWriter:
         provenance: what the data came from (tokenizer/model, hook point, source files and hashes).
         shard_records: records per shard; ``None`` picks about 256 MiB per shard.
         overwrite: replace a complete store at ``root``.
+        append: add records to a complete store with the same fields and provenance (source lists are merged).
+            An interrupted append resumes like any write. ``self.resume_skip`` is the number of records
+            this write (not an earlier one it appends to) already stored: skip that many and go on.
     """
 
     def __init__(self, root: str | os.PathLike, fields: list[Field], provenance: dict | None = None,
-                 shard_records: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, overwrite: bool = False):
+                 shard_records: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, overwrite: bool = False,
+                 append: bool = False):
         self.root, self.fields, self.page_size = Path(root), list(fields), page_size
         self.provenance = json.loads(json.dumps(provenance or {}))  # as it will read back
         self.shard_records = shard_records or max(1, (256 << 20) // max(1, record_bytes(self.fields)))
@@ -75,30 +79,43 @@ class StoreWriter:
                       "provenance": self.provenance, "shards": [], "count": 0, "complete": False}
         self.index["fields"] = json.loads(json.dumps(self.index["fields"]))
         if (self.root / INDEX).exists():
-            self._resume(overwrite)
+            self._resume(overwrite, append)
         elif self.root.exists() and any(self.root.iterdir()):
             raise DataFormatError(f"folder {self.root} exists and is not an hf-ext store; choose an empty or new folder")
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".shard-*"):  # an unfinished shard of an interrupted run
             stale.unlink()
         _write_json_atomic(self.root / INDEX, self.index)
+        self.resume_skip = self.index["count"] - self.index.get("append_base", 0)
         self._shard: ShardWriter | None = None
 
-    def _resume(self, overwrite: bool) -> None:
+    def _resume(self, overwrite: bool, append: bool) -> None:
         old = read_index(self.root)
-        if old["complete"] and not overwrite:
-            raise DataFormatError(f"store {self.root} already exists and is complete; pass overwrite=True "
-                                  "(--overwrite) to replace it, or choose another folder")
-        if old["complete"] or overwrite:
+        if overwrite:
             for s in old["shards"]:
                 (self.root / s["file"]).unlink(missing_ok=True)
             return
-        for key in ("fields", "provenance"):
-            if old[key] != self.index[key]:
-                raise DataFormatError(f"store {self.root} was started with other {key} ({old[key]} vs "
-                                      f"{self.index[key]}); resume with the same settings, or pass overwrite=True")
-        self.index["shards"] = [s for s in old["shards"] if (self.root / s["file"]).is_file()]
-        self.index["count"] = sum(s["count"] for s in self.index["shards"])
+        if old["complete"] and not append:
+            raise DataFormatError(f"store {self.root} already exists and is complete; pass overwrite=True "
+                                  "(--overwrite) to replace it, append=True (--append) to add to it, or choose "
+                                  "another folder")
+        appending = old["complete"] or "append_base" in old
+        strip = (lambda p: {k: v for k, v in p.items() if k != "sources"}) if appending else (lambda p: p)
+        for key, mine, theirs in (("fields", self.index["fields"], old["fields"]),
+                                  ("provenance", strip(self.index["provenance"]), strip(old["provenance"]))):
+            if mine != theirs:
+                raise DataFormatError(f"store {self.root} holds other {key} ({theirs} vs {mine}); "
+                                      f"{'append' if appending else 'resume'} with the same settings, or pass "
+                                      "overwrite=True")
+        shards = [s for s in old["shards"] if (self.root / s["file"]).is_file()]
+        prov = old["provenance"]
+        if appending:
+            new = [s for s in self.provenance.get("sources", []) if s not in prov.get("sources", [])]
+            prov = {**prov, "sources": prov.get("sources", []) + new}
+        self.provenance = prov
+        self.index.update(shards=shards, count=sum(s["count"] for s in shards), provenance=prov)
+        if appending:
+            self.index["append_base"] = old.get("append_base", old["count"])
 
     @property
     def count(self) -> int:
@@ -134,6 +151,7 @@ class StoreWriter:
             self._shard.abort()
             self._shard = None
         self.index["complete"] = True
+        self.index.pop("append_base", None)
         _write_json_atomic(self.root / INDEX, self.index)
         return self.index
 

@@ -68,10 +68,12 @@ def _rows(act: torch.Tensor, cls_only: bool, mask: torch.Tensor | None) -> torch
 def cache_activations(hooked: HookedVision, hook_name: str, batches: Iterable, out: str | os.PathLike,
                       cls_only: bool = False, dtype: str = "float32", model_name: str | None = None,
                       sources: list[Path] | None = None, max_rows: int | None = None,
-                      shard_records: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                      shard_records: int | None = None, overwrite: bool = False, append: bool = False,
+                      progress: bool = True) -> dict:
     """Write ``hook_name``'s activations over ``batches`` into a store; returns its index.
 
-    ``batches`` yields model inputs: a tuple of positional tensors (pixels) or a dict of keyword tensors
+    ``append=True`` adds rows to a complete store of the same model, hook and layout (``max_rows`` then
+    counts this run's rows). ``batches`` yields model inputs: a tuple of positional tensors (pixels) or a dict of keyword tensors
     (``input_ids``/``attention_mask``; masked tokens are skipped). The forward stops after the hooked block.
     """
     from tqdm.auto import tqdm
@@ -83,7 +85,7 @@ def cache_activations(hooked: HookedVision, hook_name: str, batches: Iterable, o
     provenance = {"kind": "activations", "model": model_name or type(hooked.model).__name__, "hook_name": hook_name,
                   "cls_only": cls_only, "family": hooked.family.name,
                   "sources": _sources(sources) if sources else []}
-    stop, writer, skip = _stop_layer(hooked, hook_name), None, 0
+    stop, writer, skip, base = _stop_layer(hooked, hook_name), None, 0, 0
     bar = tqdm(desc=f"cache {hook_name}", unit="row", disable=not progress)
     try:
         for batch in batches:
@@ -92,17 +94,18 @@ def cache_activations(hooked: HookedVision, hook_name: str, batches: Iterable, o
             rows = _rows(cache[hook_name], cls_only, kwargs.get("attention_mask"))
             if writer is None:
                 writer = StoreWriter(out, [Field(FIELD, dtype, (rows.shape[-1],))], provenance, shard_records,
-                                     overwrite=overwrite)
-                skip = writer.count  # rows an interrupted run already stored
+                                     overwrite=overwrite, append=append)
+                skip = writer.resume_skip            # rows an interrupted run of this command already stored
+                base = writer.count - skip           # rows of the store this run appends to
             drop = min(skip, len(rows))
             skip -= drop
             rows = rows[drop:]
             if max_rows is not None:
-                rows = rows[: max(0, max_rows - writer.count)]
+                rows = rows[: max(0, max_rows - (writer.count - base))]
             if len(rows):
                 writer.write_batch({FIELD: rows.float()})
                 bar.update(len(rows))
-            if max_rows is not None and writer.count >= max_rows:
+            if max_rows is not None and writer.count - base >= max_rows:
                 break
     except BaseException:
         if writer is not None:

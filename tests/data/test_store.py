@@ -201,3 +201,26 @@ def test_bad_order_and_rank(tmp_path):
         Loader(ds, 8, "shuffle", rank=0, world_size=1)
     with pytest.raises(DataFormatError, match="rank 2 is outside world_size 2"):
         Loader(ds, 8, rank=2, world_size=2)
+
+
+def test_append_adds_records_and_an_interrupted_append_resumes(tmp_path):
+    rows = torch.randn(60, 4, generator=torch.Generator().manual_seed(2))
+    write_rows([rows[:25]], tmp_path / "s", dtype="float32", shard_records=10, provenance={"sources": ["a"], "m": 1})
+
+    def more(fail_at=None):
+        for i in range(25, 60, 5):
+            if i == fail_at:
+                raise KeyboardInterrupt
+            yield rows[i:i + 5]
+
+    with pytest.raises(KeyboardInterrupt):
+        write_rows(more(fail_at=50), tmp_path / "s", dtype="float32", shard_records=10, append=True,
+                   provenance={"sources": ["b"], "m": 1})
+    index = write_rows(more(), tmp_path / "s", dtype="float32", shard_records=10, append=True,
+                       provenance={"sources": ["b"], "m": 1})
+    assert index["complete"] and index["count"] == 60 and index["provenance"]["sources"] == ["a", "b"]
+    assert torch.equal(ShardedDataset(tmp_path / "s").__getitems__(range(60))["x"], rows)
+    with pytest.raises(DataFormatError, match="holds other provenance"):
+        write_rows(more(), tmp_path / "s", dtype="float32", append=True, provenance={"m": 2})
+    with pytest.raises(DataFormatError, match="holds other fields"):
+        write_rows(more(), tmp_path / "s", dtype="float16", append=True, provenance={"m": 1})

@@ -78,3 +78,14 @@ def test_real_cli_caches_minilm_tokens(tmp_path, capsys):
     assert main(["hooks", "cache", "--model", "minilm-l6", "--hook", "blocks.3.hook_resid_post", "--images",
                  str(tmp_path), "--out", str(tmp_path / "bad")]) == 2
     assert "holds no images" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_append_more_images_equals_caching_them_all(vit, tmp_path):
+    files, hv = real_images()[:6], HookedVision(vit)
+    cache_activations(hv, HOOK, image_batches(files, 32), tmp_path / "all", sources=files, progress=False)
+    cache_activations(hv, HOOK, image_batches(files[:3], 32), tmp_path / "inc", sources=files[:3], progress=False)
+    cache_activations(hv, HOOK, image_batches(files[3:], 32), tmp_path / "inc", sources=files[3:], append=True,
+                      progress=False)
+    a, b = ShardedDataset(tmp_path / "all"), ShardedDataset(tmp_path / "inc")
+    assert len(b) == 102 and torch.equal(a.__getitems__(range(102))["activations"], b.__getitems__(range(102))["activations"])
+    assert b.provenance["sources"] == a.provenance["sources"]
