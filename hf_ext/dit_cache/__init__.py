@@ -1,0 +1,15 @@
+"""ICC: increment-calibrated caching for diffusion transformers, as diffusers hooks.
+
+Paper: https://arxiv.org/abs/2505.05829. ``apply_icc_cache(transformer, ICCConfig(...), factors)`` and
+``remove_icc_cache(transformer)``; ``calibrate`` computes the low-rank factors (SVD or channel-aware SVD).
+
+Example:
+    >>> from hf_ext.dit_cache import ICCConfig, apply_icc_cache, calibrate
+    >>> cfg = ICCConfig(rank=32, method="svd", full_every=2)
+    >>> apply_icc_cache(transformer, cfg, calibrate(transformer, cfg))  # doctest: +SKIP
+"""
+from .config import ICCConfig, ICCError
+from .hooks import apply_icc_cache, calibrate, channel_stats, compute_factors, icc_state, remove_icc_cache
+
+__all__ = ["ICCConfig", "ICCError", "apply_icc_cache", "calibrate", "channel_stats", "compute_factors", "icc_state",
+           "remove_icc_cache"]

@@ -1,0 +1,118 @@
+"""ICC hooks: hand-checkable dummy blocks, a tiny DiT (bit-identical when full, exact at full rank), bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from hf_ext.dit_cache import ICCConfig, ICCError, apply_icc_cache, calibrate, icc_state, remove_icc_cache
+from hf_ext.dit_cache.ops import ca_svd_factors, icc_step, icc_step_naive, svd_factors
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ff = torch.nn.Module()
+        self.ff.net = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity(), torch.nn.Linear(2, 2, bias=False)])
+        self.ff.net[2].weight.data = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+
+    def forward(self, x):
+        return torch.relu(self.ff.net[2](x))
+
+
+class Dummy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([Block()])
+
+    def forward(self, x):
+        return self.transformer_blocks[0](x)
+
+
+@torch.no_grad()
+def test_dummy_block_by_hand():
+    m = Dummy()
+    A, B = torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0, 0.0]])       # rank 1: keeps only W[0, 0] = 2
+    apply_icc_cache(m, ICCConfig(rank=1, method="svd", full_every=2), {"transformer_blocks.0.ff.net.2": (A, B)})
+    assert m(torch.tensor([[1.0, 1.0]])).tolist() == [[2.0, 3.0]]          # full: W x
+    # cached: y_hat + A B (x - x_hat) = [2, 3] + [2 * 1, 0] = [4, 3] (exact would be [4, 6])
+    assert m(torch.tensor([[2.0, 2.0]])).tolist() == [[4.0, 3.0]]
+    assert m(torch.tensor([[-1.0, 1.0]])).tolist() == [[0.0, 3.0]]         # full again; relu recomputed exactly
+    st = icc_state(m)
+    assert (st.step, st.full_steps, st.macs) == (3, 2, 2 * 4 + 1 * (2 + 2) * 1)
+    remove_icc_cache(m)
+    assert m(torch.tensor([[2.0, 2.0]])).tolist() == [[4.0, 6.0]]
+
+
+@torch.no_grad()
+def test_reuse_and_ops_against_naive():
+    g = torch.Generator().manual_seed(0)
+    W, x, xh = torch.randn(12, 8, generator=g), torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    yh = xh @ W.T
+    for A, B in (svd_factors(W, 3), ca_svd_factors(W, torch.rand(8, generator=g), torch.rand(12, generator=g), 3)):
+        torch.testing.assert_close(icc_step(x, xh, yh, A, B), icc_step_naive(x, xh, yh, A, B), atol=1e-5, rtol=1e-5)
+    A, B = svd_factors(W, 8)                                               # full rank: the exact increment
+    torch.testing.assert_close(icc_step(x, xh, yh, A, B), x @ W.T, atol=1e-5, rtol=1e-5)
+    assert icc_step(x, xh, yh, None, None) is yh
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
+                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2).eval()
+
+
+def _calls(model, n=4):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    outs = []
+    for t in range(n):
+        x = x + 0.05 * torch.randn(2, 4, 8, 8, generator=g)            # a slowly changing latent
+        outs.append(model(x, timestep=torch.tensor([900 - 100 * t] * 2), class_labels=torch.tensor([1, 3])).sample)
+    return outs
+
+
+@torch.no_grad()
+def test_tiny_dit_full_every_step_is_bit_identical_and_full_rank_is_exact():
+    ref = _calls(tiny_dit())
+    m = tiny_dit()
+    apply_icc_cache(m, ICCConfig(rank=1, method="reuse", full_every=1), {})
+    assert all(torch.equal(a, b) for a, b in zip(_calls(m), ref))
+    remove_icc_cache(m)
+    cfg = ICCConfig(rank=16, method="svd", full_every=4)                   # every targeted layer is 16 x 16+
+    from hf_ext.dit_cache import compute_factors
+    apply_icc_cache(m, cfg, compute_factors(m, cfg, allow_full_rank=True))
+    got = _calls(m)
+    assert icc_state(m).full_steps == 1
+    for a, b in zip(got, ref):                                            # cached steps, exact linear increments
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_correction_beats_reuse_and_ca_svd_calibrates():
+    ref = _calls(tiny_dit())
+    errs = {}
+    for method in ("reuse", "svd", "ca-svd"):
+        m = tiny_dit()
+        cfg = ICCConfig(rank=8, method=method, full_every=4)
+        apply_icc_cache(m, cfg, calibrate(m, cfg, run=lambda: _calls(m, 2)))
+        errs[method] = sum((a - b).norm() / b.norm() for a, b in zip(_calls(m)[1:], ref[1:])).item()
+    assert errs["svd"] < errs["reuse"] and errs["ca-svd"] < errs["reuse"], errs
+
+
+def test_bad_input():
+    m = tiny_dit()
+    with pytest.raises(ICCError, match="rank=16 >= min"):
+        apply_icc_cache(m, ICCConfig(rank=16, method="svd"))
+    with pytest.raises(ICCError, match="no linear layer matching"):
+        apply_icc_cache(torch.nn.Sequential(torch.nn.Linear(2, 2)), ICCConfig(rank=1, method="svd"))
+    other = {"transformer_blocks.0.attn1.to_q": (torch.zeros(32, 4), torch.zeros(4, 32))}
+    with pytest.raises(ICCError, match="another model: recalibrate"):
+        apply_icc_cache(m, ICCConfig(rank=4, method="svd"), other)
+    with pytest.raises(ICCError, match="needs calibration statistics|needs run="):
+        calibrate(m, ICCConfig(rank=4, method="ca-svd"))
+    apply_icc_cache(m, ICCConfig(rank=4, method="svd"))
+    with pytest.raises(ICCError, match="already applied"):
+        apply_icc_cache(m, ICCConfig(rank=4, method="svd"))
+    with pytest.raises(ICCError, match="method 'fast' is unknown"):
+        ICCConfig(method="fast")
