@@ -194,3 +194,24 @@ def remove_icc_cache(transformer) -> None:
         if reg is not None and reg.get_hook(LINEAR_HOOK) is not None:
             reg.remove_hook(LINEAR_HOOK, recurse=False)
     transformer._hf_ext_icc = None
+
+
+_OTHER_CACHES = ("cache", "broadcast", "taylorseer")
+
+
+def enable_cache(pipe_or_transformer, config: ICCConfig, factors: dict | None = None) -> ICCState:
+    """``apply_icc_cache`` on a pipeline's transformer (or a transformer), refusing to stack on another cache.
+
+    diffusers' ``enable_cache`` only knows its own cache configs, so ICC has this entry point (as cache-dit does).
+    """
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if getattr(transformer, "is_cache_enabled", False):
+        raise ICCError(f"{type(transformer).__name__} already has a diffusers cache enabled "
+                       f"({type(transformer._cache_config).__name__}); call disable_cache() first")
+    for m in transformer.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        other = [n for n in (reg.hooks if reg else {}) if any(k in n for k in _OTHER_CACHES) and not n.startswith("hf_ext")]
+        if other:
+            raise ICCError(f"another cache hook ({other[0]}) is active on {type(transformer).__name__}; remove it "
+                           "before enabling ICC")
+    return apply_icc_cache(transformer, config, factors)
