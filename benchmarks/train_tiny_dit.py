@@ -66,7 +66,8 @@ def build_model(num_classes: int):
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, steps: int = 50, guidance: float = 1.5, seed: int = 0,
            on_step=None) -> torch.Tensor:
-    """DDIM sampling with classifier-free guidance; returns (B, 3, 32, 32) in [-1, 1]."""
+    """DDIM sampling with classifier-free guidance (cond and uncond in one batch); returns (B, 3, 32, 32) in
+    [-1, 1]. ``on_step(i, t)`` is called before each denoiser call."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
@@ -75,6 +76,8 @@ def sample(model, labels: torch.Tensor, steps: int = 50, guidance: float = 1.5, 
     x = torch.randn(len(labels), 3, SIZE, SIZE, generator=g)
     null = torch.full_like(labels, model.config.num_embeds_ada_norm)
     for i, t in enumerate(sched.timesteps):
+        if on_step is not None:
+            on_step(i, t)
         if guidance == 1.0:
             eps = model(x, timestep=t.expand(len(x)), class_labels=labels).sample
         else:
@@ -82,8 +85,6 @@ def sample(model, labels: torch.Tensor, steps: int = 50, guidance: float = 1.5, 
             cond, uncond = both.chunk(2)
             eps = uncond + guidance * (cond - uncond)
         x = sched.step(eps, t, x).prev_sample
-        if on_step is not None:
-            on_step(i)
     return x.clamp(-1, 1)
 
 

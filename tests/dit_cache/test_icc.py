@@ -116,3 +116,34 @@ def test_bad_input():
         apply_icc_cache(m, ICCConfig(rank=4, method="svd"))
     with pytest.raises(ICCError, match="method 'fast' is unknown"):
         ICCConfig(method="fast")
+
+
+def test_cli_convert_icc_saves_factors_that_load_back(tmp_path, capsys):
+    import json
+
+    from conversion.cli import main
+    from hf_ext.dit_cache import load_icc_transformer
+
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "icc"
+    assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--rank", "4", "--method", "ca-svd",
+                 "--calib-steps", "4", "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["layers"] == 12 and 0 < r["macs_saved"] < 1 and r["full_steps"] == 2 and r["steps"] == 4
+    assert {"icc_factors.safetensors", "config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    model, cfg = load_icc_transformer(out)
+    assert cfg.rank == 4 and cfg.method == "ca-svd" and model._hf_ext_icc is not None
+    assert main(["convert", "icc", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "holds no diffusers transformer" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_macs_are_counted_as_executed():
+    from hf_ext.dit_cache.macs import count_macs
+
+    m = Dummy()
+    apply_icc_cache(m, ICCConfig(rank=1, method="reuse", full_every=2), {})
+    with count_macs() as full:
+        m(torch.ones(1, 2))
+    with count_macs() as cached:
+        m(torch.ones(1, 2))
+    assert full.by_op["linear"] == 4 and cached.total == 0   # naive reuse runs no linear at all
