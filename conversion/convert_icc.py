@@ -40,15 +40,12 @@ def _load(folder):
 
 
 def run(args) -> None:
-    import os
-    import shutil
-
     import torch
 
     from hf_ext.dit_cache import ICCConfig, apply_icc_cache, calibrate, icc_state, remove_icc_cache, save_factors
     from hf_ext.dit_cache.calibration import _check_dit, ddim_trajectory
     from hf_ext.dit_cache.macs import count_macs
-    from hf_ext.hub import check_output_dir, render_card
+    from hf_ext.hub import check_output_dir, render_card, save_converted
 
     out = check_output_dir(args.out, args.overwrite)
     config = ICCConfig(rank=args.rank, method=args.method, full_every=args.full_every)
@@ -67,20 +64,10 @@ def run(args) -> None:
               "layers": len(factors), "macs_saved": 1 - cached.total / full.total,
               "final_rel_error": float((got - ref).norm() / ref.norm()), "full_steps": state.full_steps,
               "steps": state.step}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        save_factors(tmp, factors, config)
-        render_card("icc", base_model=None, metrics=result, base_model_relation="adapter", tags=["icc", "dit"],
-                    model_name=f"{type(model).__name__} + ICC ({args.method}, rank {args.rank})", args=args
-                    ).save(tmp / "README.md")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    card = render_card("icc", base_model=None, metrics=result, base_model_relation="adapter", tags=["icc", "dit"],
+                       model_name=f"{type(model).__name__} + ICC ({args.method}, rank {args.rank})", args=args)
+    out = save_converted(model, out, card=card, overwrite=args.overwrite,
+                         extra=lambda folder: save_factors(folder, factors, config))
     url = maybe_push(args, out)
     if url:
         result["pushed"] = url

@@ -75,13 +75,10 @@ def add_sae_parsers(sub) -> None:
 
 
 def run_sae_train(args) -> None:
-    import json
-    import os
-    import shutil
     from pathlib import Path
 
     from hf_ext.data import ShardedDataset
-    from hf_ext.hub import check_output_dir, render_card
+    from hf_ext.hub import check_output_dir, render_card, save_converted
     from hf_ext.vit_hooks.sae import SAEConfig
     from hf_ext.vit_hooks.sae_train import SAETrainConfig, evaluate_sae, train_sae
 
@@ -97,20 +94,8 @@ def run_sae_train(args) -> None:
     result = {"variant": args.variant, "d_in": width, "d_sae": cfg.d_sae, "steps": log["steps"],
               "train_rows": log["train_rows"], **{f"eval_{k}": v for k, v in metrics.items()},
               "hook_name": sae.config.hook_name, "model": sae.config.model_name}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        sae.save_pretrained(tmp)
-        card = render_card("sae", base_model=None, metrics=result, base_model_relation="adapter",
-                           tags=["sae", args.variant], model_name=f"{args.variant} SAE on {result['hook_name']}",
-                           args=args)
-        card.save(tmp / "README.md")
-        (tmp / "hf_ext_report.json").write_text(json.dumps({**result, "log": {k: v for k, v in log.items()
-                                                                                if k != "history"}}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    card = render_card("sae", base_model=None, metrics=result, base_model_relation="adapter",
+                       tags=["sae", args.variant], model_name=f"{args.variant} SAE on {result['hook_name']}", args=args)
+    save_converted(sae, out, card=card, overwrite=args.overwrite,
+                   report={**result, "log": {k: v for k, v in log.items() if k != "history"}})
     emit({**result, "out": str(Path(args.out))}, args.json)

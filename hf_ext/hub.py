@@ -36,13 +36,18 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def save_converted(model, out: str | os.PathLike, *, tokenizer=None, card=None, overwrite: bool = False,
-                   report: dict | None = None, safe_serialization: bool = True) -> Path:
-    """Save ``model`` (+ tokenizer, card, ``hf_ext_report.json``) to ``out`` atomically."""
+                   report: dict | None = None, safe_serialization: bool = True, extra=None) -> Path:
+    """Save ``model`` (+ tokenizer, card, ``hf_ext_report.json``) to ``out`` atomically.
+
+    ``extra(folder)`` may write more files (e.g. calibration factors) into the folder before it goes live.
+    """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=safe_serialization)
+        if extra is not None:
+            extra(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card is not None:

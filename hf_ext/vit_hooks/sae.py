@@ -335,7 +335,7 @@ class SparseAutoencoder(nn.Module):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().contiguous().cpu() for name, p in self.named_parameters()}
 
-    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    def save_pretrained(self, path: str | os.PathLike, overwrite: bool = False, **_) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout) atomically: temp folder, then rename."""
         from safetensors.torch import save_file
 
