@@ -97,6 +97,7 @@ class HookedVision:
         self._handles: list = []
         self._restore: list = []   # callables that undo attention switches
         self._pre: dict[int, torch.Tensor] = {}
+        self._switched = False     # the model runs the hooked attention implementation
 
     def __call__(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -231,7 +232,7 @@ class HookedVision:
 
     def _hf_attn_hook(self, layer, key, fns, hp):
         attn = self.blocks[layer].get_submodule(self.family.attn)
-        if not getattr(self, "_switched", False):
+        if not self._switched:
             original = self.model.config._attn_implementation
             self.model.set_attn_implementation(NAME)
             self._switched = True
