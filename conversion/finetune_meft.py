@@ -16,10 +16,10 @@ def add_parser(sub) -> None:
     p.add_argument("--lam", type=float, default=None, help="x1 scale (default: measured safe default)")
     p.add_argument("--beta", type=float, default=None, help="x2 scale (default: measured safe default)")
     p.add_argument("--reconstruction-dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 5e-4)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
     p.add_argument("--max-per-class", type=int, default=400, help="cap on train examples per class (default 400)")
     p.add_argument("--select-epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the epoch with the best dev-split accuracy (default on)")
