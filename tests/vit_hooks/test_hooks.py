@@ -51,10 +51,19 @@ def _out(o):
                                                   else o.last_hidden_state)
 
 
+def _case(name):
+    build, kind, proj = MODELS[name]
+    return name, build(), _inputs(kind), proj
+
+
 @pytest.fixture(params=list(MODELS))
 def case(request):
-    build, kind, proj = MODELS[request.param]
-    return request.param, build(), _inputs(kind), proj
+    return _case(request.param)
+
+
+@pytest.fixture(params=[m for m in MODELS if m != "timm-eva"])  # EVA blocks expose residual points only
+def attn_case(request):
+    return _case(request.param)
 
 
 def _reference_resid_post(name, model, args, kwargs):
@@ -95,11 +104,9 @@ def test_zeroing_attn_out_equals_zeroing_the_output_projection(case):
 
 
 @torch.no_grad()
-def test_attention_internals_are_consistent_and_patchable(case):
-    name, model, (args, kwargs), proj = case
+def test_attention_internals_are_consistent_and_patchable(attn_case):
+    name, model, (args, kwargs), proj = attn_case
     hv = HookedVision(model)
-    if hv.family.kind == "none":
-        pytest.skip("EVA blocks expose residual points only")
     ref = _out(model(*args, **kwargs))
     out, c = hv.run_with_cache(*args, **kwargs, names_filter=lambda n: n.startswith("blocks.0.attn."))
     torch.testing.assert_close(_out(out), ref, atol=1e-5, rtol=1e-5)               # the unfused path, same math
@@ -165,3 +172,10 @@ def test_bad_names_and_models():
         hv.run_with_cache(torch.zeros(1, 4, dtype=torch.long), stop_at_layer=9)
     with pytest.raises(HookError, match="not a supported model.*timm EVA.*Llama-like"):
         HookedVision(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_eva_offers_residual_points_only():
+    hv = HookedVision(_case("timm-eva")[1])
+    assert hv.family.kind == "none" and "blocks.0.hook_resid_mid" in hv.hook_names
+    with pytest.raises(HookError, match="did you mean"):
+        hv.check_name("blocks.0.attn.hook_pattern")
