@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from train_tiny_dit import sample  # noqa: E402
 
-from hf_ext.dit_cache import ICCConfig, apply_icc_cache, calibrate, remove_icc_cache  # noqa: E402
+from hf_ext.dit_cache import ICCConfig, apply_icc_cache, remove_icc_cache  # noqa: E402
 from hf_ext.dit_cache.macs import count_macs  # noqa: E402
 
 STEPS, GUIDANCE = 35, 1.5

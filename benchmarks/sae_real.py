@@ -11,7 +11,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 
 from hf_ext.vit_hooks import HookedVision
 from hf_ext.vit_hooks.models import load_hookable

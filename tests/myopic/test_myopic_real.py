@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from hf_ext.eval import tokenize
 from hf_ext.myopic import count_myopic_calls, enable_myopic, myopic_grads_naive
