@@ -5,13 +5,13 @@ from .common import add_json_arg, add_output_args, emit, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("icc", help="increment-calibrated caching factors (SVD / CA-SVD) for a diffusion transformer")
+    p = sub.add_parser("icc", help="increment-calibrated caching factors (SVD / CA-SVD / CD-SVD) for a diffusion transformer")
     p.add_argument("--model", required=True, help="a saved diffusers transformer folder (or a pipeline folder)")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--method", choices=["ca-svd", "svd"], default="ca-svd")
+    p.add_argument("--method", choices=["ca-svd", "cd-svd", "svd"], default="ca-svd")
     p.add_argument("--full-every", type=int, default=2, help="recompute everything every N denoiser calls")
-    p.add_argument("--calib-samples", type=int, default=4, help="CA-SVD: samples in the calibration run")
-    p.add_argument("--calib-steps", type=int, default=10, help="CA-SVD: DDIM steps of the calibration run")
+    p.add_argument("--calib-samples", type=int, default=4, help="CA-/CD-SVD: samples in the calibration run")
+    p.add_argument("--calib-steps", type=int, default=10, help="CA-/CD-SVD: DDIM steps of the calibration run")
     add_output_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)

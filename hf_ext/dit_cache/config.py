@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import HfExtError
 
-METHODS = ("ca-svd", "svd", "reuse")
+METHODS = ("ca-svd", "cd-svd", "svd", "reuse")
 # attention q/k/v/out (and the context stream of joint-attention models) and the MLP's two linears, inside
 # the transformer blocks of DiT, PixArt, SD3 and Flux; adaLN modulation and embeddings are never cached
 DEFAULT_TARGETS = (r"(transformer_blocks|single_transformer_blocks)\.\d+\."
@@ -24,7 +24,8 @@ class ICCConfig:
 
     Args:
         rank: rank r of the correction A B ≈ W of every targeted linear layer (must be < min(in, out)).
-        method: ``ca-svd`` (channel-aware SVD, needs a calibration run), ``svd`` (plain SVD of W) or
+        method: ``ca-svd`` (channel-aware SVD, needs a calibration run), ``cd-svd`` (the same weighting
+            measured on step-to-step increments instead of activations), ``svd`` (plain SVD of W) or
             ``reuse`` (no correction: a cached step returns the last full step's output).
         full_every: recompute everything every N transformer calls (per cache context); the first call is
             always full.

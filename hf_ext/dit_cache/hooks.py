@@ -6,8 +6,8 @@ per-context state in a ``StateManager``, so ``transformer.cache_context("cond")`
 separate caches for classifier-free guidance branches. Models that are not ``CacheMixin`` (DiT, PixArt,
 SD3) run in one default context.
 
-Per transformer call the step hook decides: full (every linear runs and stores its input x̂ and output ŷ)
-or cached (every targeted linear returns ŷ + A B (x - x̂)); norms, nonlinearities, attention and adaLN
+Per transformer call the step hook decides: full (every linear runs and stores its output ŷ and the
+projection ẑ = B x̂ of its input) or cached (every targeted linear returns ŷ + A (B x - ẑ) = ŷ + A B (x - x̂)); norms, nonlinearities, attention and adaLN
 modulation always run exactly. ``state.macs`` counts the multiply-accumulates the targeted layers actually
 executed.
 
@@ -24,14 +24,14 @@ import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
 from .config import ICCConfig, ICCError
-from .ops import ca_svd_factors, icc_step, svd_factors
+from .ops import ca_svd_factors, icc_step_projected, svd_factors
 
 STEP_HOOK = "hf_ext_icc_step"
 LINEAR_HOOK = "hf_ext_icc_linear"
 
 
 class ICCState(BaseState):
-    """Per cache context: the step counter, this step's mode, and each layer's last full (x̂, ŷ)."""
+    """Per cache context: the step counter, this step's mode, and each layer's last full step (ẑ = x̂ Bᵀ, ŷ)."""
 
     def __init__(self):
         self.reset()
@@ -81,24 +81,31 @@ class _LinearHook(ModelHook):
         self.A, self.B = factors if factors is not None else (None, None)
 
     def new_forward(self, module, x):
+        # the cache holds, per layer, (x.shape, ẑ = x̂ Bᵀ or None, ŷ, x̂ if this layer decides adaptive steps)
         st = self.states.get_state()
         hit = st.cache.get(self.name)
-        if hit is not None and hit[0].shape != x.shape:
+        if hit is not None and hit[0] != x.shape:
             hit = None                                            # batch or resolution changed: recompute
         if hit is not None and self.first and self.threshold is not None and not st.full:
-            rel = ((x - hit[0]).norm() / hit[0].norm().clamp_min(1e-12)).item()
+            rel = ((x - hit[3]).norm() / hit[3].norm().clamp_min(1e-12)).item()
             st.full = rel > self.threshold
             st.full_steps += st.full
+        rows = x[..., 0].numel()
         if st.full or hit is None:
             y = self.fn_ref.original_forward(x)
-            st.cache[self.name] = (x.detach(), y.detach())
-            st.macs += x[..., 0].numel() * module.in_features * module.out_features
+            z = None
+            if self.A is not None:
+                self.A, self.B = self.A.to(x.device), self.B.to(x.device)
+                z = x.reshape(-1, x.shape[-1]).to(self.B.dtype) @ self.B.T           # (N, r)
+                st.macs += rows * module.in_features * self.A.shape[1]
+            keep_x = x.detach() if self.first and self.threshold is not None else None
+            st.cache[self.name] = (x.shape, z, y.detach(), keep_x)
+            st.macs += rows * module.in_features * module.out_features
             return y
         if self.A is not None:
-            A, B = self.A.to(x.device), self.B.to(x.device)
-            st.macs += x[..., 0].numel() * (module.in_features + module.out_features) * A.shape[1]
-            return icc_step(x, hit[0], hit[1], A, B)
-        return hit[1]
+            st.macs += rows * (module.in_features + module.out_features) * self.A.shape[1]
+            return icc_step_projected(x, hit[1], hit[2], self.A, self.B)
+        return hit[2]
 
     def reset_state(self, module):
         self.states.reset()
@@ -106,7 +113,8 @@ class _LinearHook(ModelHook):
 
 
 def compute_factors(transformer, config: ICCConfig, stats: dict | None = None, allow_full_rank: bool = False) -> dict:
-    """``{layer name: (A, B)}`` for every targeted linear. ``stats`` (from ``calibrate``) is needed for CA-SVD."""
+    """``{layer name: (A, B)}`` for every targeted linear. ``stats`` (from ``channel_stats``) is needed for
+    CA-SVD and CD-SVD, which share the weighted factorisation and differ only in what was measured."""
     if config.method == "reuse":
         return {}
     out = {}
@@ -119,19 +127,28 @@ def compute_factors(transformer, config: ICCConfig, stats: dict | None = None, a
             out[name] = svd_factors(lin.weight, config.rank)
         else:
             if stats is None or name not in stats:
-                raise ICCError("ca-svd needs calibration statistics: run hf_ext.dit_cache.calibrate(...) first, or "
-                               "use method='svd'")
+                raise ICCError(f"{config.method} needs calibration statistics: run hf_ext.dit_cache.calibrate(...) "
+                               "first, or use method='svd'")
             out[name] = ca_svd_factors(lin.weight, *stats[name], config.rank, config.clamp)
     return out
 
 
 @torch.no_grad()
-def channel_stats(transformer, config: ICCConfig, run) -> dict:
-    """Mean |x_j| and mean |y_i| of every targeted linear over ``run()`` (a few denoising calls)."""
-    sums, handles = {}, []
+def channel_stats(transformer, config: ICCConfig, run, increments: bool = False) -> dict:
+    """Mean |x_j| and mean |y_i| of every targeted linear over ``run()`` (a few denoising calls).
+
+    With ``increments=True`` (CD-SVD) the means are of the step-to-step increments |x_t - x_{t-1}| and
+    |y_t - y_{t-1}| between consecutive calls of each layer, the quantities a cached step approximates.
+    """
+    sums, last, handles = {}, {}, []
     for name, lin in target_linears(transformer, config).items():
         def hook(mod, args, y, name=name):
-            x = args[0]
+            x, prev = args[0], last.get(name)
+            if increments:
+                last[name] = (x.detach().clone(), y.detach().clone())
+                if prev is None or prev[0].shape != x.shape:
+                    return
+                x, y = x - prev[0], y - prev[1]
             sx, sy, n = sums.get(name, (0, 0, 0))
             sums[name] = (sx + x.abs().flatten(0, -2).sum(0).float(), sy + y.abs().flatten(0, -2).sum(0).float(),
                           n + x[..., 0].numel())
@@ -141,14 +158,21 @@ def channel_stats(transformer, config: ICCConfig, run) -> dict:
     finally:
         for h in handles:
             h.remove()
+    if len(sums) < len(handles):
+        raise ICCError("the calibration run did not reach every targeted layer" +
+                       (" at least twice (CD-SVD needs consecutive steps)" if increments else "") +
+                       "; make run() call the transformer for a few denoising steps")
     return {name: (sx / n, sy / n) for name, (sx, sy, n) in sums.items()}
 
 
 def calibrate(transformer, config: ICCConfig, run=None) -> dict:
-    """Factors for ``config``: SVD needs only the weights; CA-SVD also runs ``run()`` once to measure channels."""
-    if config.method == "ca-svd" and run is None:
-        raise ICCError("ca-svd calibration needs run=..., a callable that runs a few denoising steps")
-    stats = channel_stats(transformer, config, run) if config.method == "ca-svd" else None
+    """Factors for ``config``: SVD needs only the weights; CA-SVD and CD-SVD also run ``run()`` once to
+    measure the channels (of the activations, or of their step-to-step increments)."""
+    if config.method in ("ca-svd", "cd-svd") and run is None:
+        raise ICCError(f"{config.method} calibration needs run=..., a callable that runs a few denoising steps")
+    stats = None
+    if config.method in ("ca-svd", "cd-svd"):
+        stats = channel_stats(transformer, config, run, increments=config.method == "cd-svd")
     return compute_factors(transformer, config, stats)
 
 

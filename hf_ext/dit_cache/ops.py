@@ -44,6 +44,19 @@ def icc_step(x: torch.Tensor, x_hat: torch.Tensor, y_hat: torch.Tensor, A: torch
     return y_hat + ((dx @ B.T) @ A.T).to(y_hat.dtype)     # (..., r) -> (..., out)
 
 
+def icc_step_projected(x: torch.Tensor, z_hat: torch.Tensor, y_hat: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor) -> torch.Tensor:
+    """``icc_step`` with the full step's projection z_hat = x̂ Bᵀ (N, r) kept instead of x̂ (N, in).
+
+    ŷ + A B (x - x̂) = ŷ + A (B x - ẑ): the subtraction happens in r dimensions and the final add is fused
+    into one ``addmm``, so a cached step reads x once and ŷ once. x: (..., in), y_hat: (..., out).
+    """
+    x2 = x.reshape(-1, x.shape[-1]).to(B.dtype)                              # (N, in)
+    dz = x2 @ B.T - z_hat                                                    # (N, r)
+    y = torch.addmm(y_hat.reshape(-1, y_hat.shape[-1]).to(A.dtype), dz, A.T)  # (N, out)
+    return y.view(y_hat.shape).to(y_hat.dtype)
+
+
 def icc_step_naive(x, x_hat, y_hat, A, B):
     """Reference: form the rank-r matrix W_r = A B and apply it to the increment."""
     if A is None:

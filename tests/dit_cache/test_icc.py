@@ -6,7 +6,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 
 from hf_ext.dit_cache import ICCConfig, ICCError, apply_icc_cache, calibrate, icc_state, remove_icc_cache
-from hf_ext.dit_cache.ops import ca_svd_factors, icc_step, icc_step_naive, svd_factors
+from hf_ext.dit_cache.ops import ca_svd_factors, icc_step, icc_step_naive, icc_step_projected, svd_factors
 
 
 class Block(torch.nn.Module):
@@ -39,9 +39,38 @@ def test_dummy_block_by_hand():
     assert m(torch.tensor([[2.0, 2.0]])).tolist() == [[4.0, 3.0]]
     assert m(torch.tensor([[-1.0, 1.0]])).tolist() == [[0.0, 3.0]]         # full again; relu recomputed exactly
     st = icc_state(m)
-    assert (st.step, st.full_steps, st.macs) == (3, 2, 2 * 4 + 1 * (2 + 2) * 1)
+    # full steps: W x (2 x 2) plus the projection ẑ = B x (1 x 2); the cached step: (2 + 2) x rank 1
+    assert (st.step, st.full_steps, st.macs) == (3, 2, 2 * (4 + 2) + 1 * (2 + 2) * 1)
     remove_icc_cache(m)
     assert m(torch.tensor([[2.0, 2.0]])).tolist() == [[4.0, 6.0]]
+
+
+@torch.no_grad()
+def test_adaptive_schedule_recomputes_when_the_increment_is_large():
+    m = Dummy()
+    A, B = torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0, 0.0]])
+    apply_icc_cache(m, ICCConfig(rank=1, method="svd", threshold=0.5), {"transformer_blocks.0.ff.net.2": (A, B)})
+    assert m(torch.tensor([[1.0, 1.0]])).tolist() == [[2.0, 3.0]]                     # first call: full
+    # ||x - x̂|| / ||x̂|| = 0.5 / 1.41 < 0.5: cached, ŷ + A B (x - x̂) = [2 + 2 * 0.5, 3]
+    assert m(torch.tensor([[1.5, 1.0]])).tolist() == [[3.0, 3.0]]
+    assert m(torch.tensor([[3.0, 3.0]])).tolist() == [[6.0, 9.0]]                     # 2.83 / 1.41 > 0.5: full
+    st = icc_state(m)
+    assert (st.step, st.full_steps) == (3, 2)
+
+
+@torch.no_grad()
+def test_channel_stats_of_activations_and_of_increments_by_hand():
+    from hf_ext.dit_cache import channel_stats
+
+    m, cfg = Dummy(), ICCConfig(rank=1, method="cd-svd")
+    xs = [torch.tensor([[1.0, -1.0]]), torch.tensor([[3.0, 1.0]]), torch.tensor([[2.0, 1.0]])]
+    run = lambda: [m(x) for x in xs]  # noqa: E731
+    (mx, my), = channel_stats(m, cfg, run).values()
+    assert mx.tolist() == [2.0, 1.0] and my.tolist() == [4.0, 3.0]           # mean |x|; W = diag(2, 3)
+    (dx, dy), = channel_stats(m, cfg, run, increments=True).values()
+    assert dx.tolist() == [1.5, 1.0] and dy.tolist() == [3.0, 3.0]           # |Δx| = [2, 2], [1, 0]
+    with pytest.raises(ICCError, match="at least twice"):
+        channel_stats(m, cfg, lambda: m(xs[0]), increments=True)
 
 
 @torch.no_grad()
@@ -51,6 +80,8 @@ def test_reuse_and_ops_against_naive():
     yh = xh @ W.T
     for A, B in (svd_factors(W, 3), ca_svd_factors(W, torch.rand(8, generator=g), torch.rand(12, generator=g), 3)):
         torch.testing.assert_close(icc_step(x, xh, yh, A, B), icc_step_naive(x, xh, yh, A, B), atol=1e-5, rtol=1e-5)
+        zh = xh.reshape(-1, 8) @ B.T
+        torch.testing.assert_close(icc_step_projected(x, zh, yh, A, B), icc_step_naive(x, xh, yh, A, B), atol=1e-5, rtol=1e-5)
     A, B = svd_factors(W, 8)                                               # full rank: the exact increment
     torch.testing.assert_close(icc_step(x, xh, yh, A, B), x @ W.T, atol=1e-5, rtol=1e-5)
     assert icc_step(x, xh, yh, None, None) is yh
@@ -92,12 +123,12 @@ def test_tiny_dit_full_every_step_is_bit_identical_and_full_rank_is_exact():
 def test_correction_beats_reuse_and_ca_svd_calibrates():
     ref = _calls(tiny_dit())
     errs = {}
-    for method in ("reuse", "svd", "ca-svd"):
+    for method in ("reuse", "svd", "ca-svd", "cd-svd"):
         m = tiny_dit()
         cfg = ICCConfig(rank=8, method=method, full_every=4)
         apply_icc_cache(m, cfg, calibrate(m, cfg, run=lambda: _calls(m, 2)))
         errs[method] = sum((a - b).norm() / b.norm() for a, b in zip(_calls(m)[1:], ref[1:])).item()
-    assert errs["svd"] < errs["reuse"] and errs["ca-svd"] < errs["reuse"], errs
+    assert max(errs["svd"], errs["ca-svd"], errs["cd-svd"]) < errs["reuse"], errs
 
 
 def test_bad_input():
