@@ -1,7 +1,7 @@
 """`hf-ext convert icc`: compute ICC calibration factors for a diffusion transformer and save them beside it."""
 from __future__ import annotations
 
-from .common import add_json_arg, add_output_args, emit, maybe_push
+from .common import add_json_arg, add_output_args, emit, load_diffusers_model, maybe_push
 
 
 def add_parser(sub) -> None:
@@ -17,28 +17,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load(folder):
-    import json
-    from pathlib import Path
-
-    import diffusers
-    import torch
-
-    from hf_ext.dit_cache import ICCError
-
-    root = Path(folder)
-    if (root / "model_index.json").is_file():
-        root = root / "transformer"
-    cfg = root / "config.json"
-    if not cfg.is_file():
-        raise ICCError(f"{folder} holds no diffusers transformer (no config.json or model_index.json); point "
-                       "--model at a saved transformer or pipeline folder")
-    cls = getattr(diffusers, json.loads(cfg.read_text()).get("_class_name", ""), None)
-    if cls is None:
-        raise ICCError(f"{cfg} names no diffusers model class; point --model at a diffusers transformer")
-    return cls.from_pretrained(root, torch_dtype=torch.float32).eval()
-
-
 def run(args) -> None:
     import torch
 
@@ -49,7 +27,7 @@ def run(args) -> None:
 
     out = check_output_dir(args.out, args.overwrite)
     config = ICCConfig(rank=args.rank, method=args.method, full_every=args.full_every)
-    model = _load(args.model)
+    model = load_diffusers_model(args.model)
     _check_dit(model)
     factors = calibrate(model, config, lambda: ddim_trajectory(model, args.calib_samples, args.calib_steps, seed=0))
     # measured on a held-out trajectory (other seed): MACs of the whole run and final-sample error

@@ -19,8 +19,8 @@ def _check_dit(transformer) -> None:
 
 @torch.no_grad()
 def ddim_trajectory(transformer, samples: int = 4, steps: int = 10, guidance: float = 1.5, seed: int = 0,
-                    on_step=None) -> torch.Tensor:
-    """DDIM sampling of ``samples`` random classes; returns the final latents."""
+                    on_step=None, scheduler=None) -> torch.Tensor:
+    """DDIM sampling (or ``scheduler``'s) of ``samples`` random classes; returns the final latents."""
     from diffusers import DDIMScheduler
 
     _check_dit(transformer)
@@ -29,7 +29,8 @@ def ddim_trajectory(transformer, samples: int = 4, steps: int = 10, guidance: fl
     classes = cfg.num_embeds_ada_norm
     labels = torch.randint(0, classes, (samples,), generator=g)
     x = torch.randn(samples, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
+    sched = (DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False) if scheduler is None
+             else type(scheduler).from_config(scheduler.config))
     sched.set_timesteps(steps)
     null = torch.full_like(labels, classes)
     for i, t in enumerate(sched.timesteps):

@@ -186,11 +186,13 @@ class _LookupHook(ModelHook):
 
 
 def apply_temporal_cache(model, scheduler=None, num_inference_steps: int | None = None,
-                         cache: TemporalFeatureCache | None = None, labels=None) -> TemporalFeatureCache:
+                         cache: TemporalFeatureCache | None = None, labels=None,
+                         modules: list[str] | None = None) -> TemporalFeatureCache:
     """Replace the temporal modules of ``model`` by a lookup table for this schedule; returns the table.
 
     Give ``scheduler`` and ``num_inference_steps`` to build the table, or a saved ``cache`` (checked against
-    them when they are given too). ``remove_temporal_cache(model)`` restores the model.
+    them when they are given too). ``modules`` serves only those temporal modules from the table (default:
+    all). ``remove_temporal_cache(model)`` restores the model.
     """
     if getattr(model, "_hf_ext_temporal", None) is not None:
         raise TemporalError("a temporal cache is already applied; remove_temporal_cache(model) first")
@@ -206,10 +208,13 @@ def apply_temporal_cache(model, scheduler=None, num_inference_steps: int | None 
     device = next(model.parameters()).device
     cache.tables = {k: (tuple(x.to(device) for x in v) if isinstance(v, tuple) else v.to(device))
                     for k, v in cache.tables.items()}
+    unknown = set(modules or ()) - set(tib.modules)
+    if unknown:
+        raise TemporalError(f"{sorted(unknown)[0]} is not a temporal module of this model; choose from find_tib(model).modules")
     mods = dict(model.named_modules())
     HookRegistry.check_if_exists_or_initialize(model).register_hook(
         _IndexHook(cache, inspect.signature(model.forward)), INDEX_HOOK)
-    for name in tib.modules:
+    for name in modules or tib.modules:
         HookRegistry.check_if_exists_or_initialize(mods[name]).register_hook(_LookupHook(cache, name), LOOKUP_HOOK)
     model._hf_ext_temporal = cache
     return cache
