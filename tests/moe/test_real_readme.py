@@ -1,0 +1,33 @@
+"""Read-ME on the real SmolLM2-135M: full masks reproduce the dense logits; half masks keep half the MLP."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_ext.moe import activation_stats, expert_masks
+from hf_ext.moe.experts import moefy, set_experts
+
+pytestmark = pytest.mark.real
+
+
+@torch.no_grad()
+def test_smollm2_experts_from_domain_labels():
+    from hf_ext.tasks import load_task
+    from hf_ext.zoo import load_causal_lm
+
+    model, tok = load_causal_lm("smollm2-135m")
+    task = load_task("docs-sections", "train", max_per_class=2)                 # 2 paragraphs of each section
+    batches, labels = [], []
+    for c in range(4):                                                           # 4 domains: 4 sections
+        texts = [t for t, y in zip(task.texts, task.labels) if y == c]
+        batches.append(dict(tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)))
+        labels.append(torch.full((len(texts),), c))
+    probe = dict(tok(["The import statement combines two operations."], return_tensors="pt"))
+    dense = model(**probe).logits
+    stats = activation_stats(model, batches, clusters=4, labels=labels)
+    assert stats.tokens.min() > 0 and stats.abs_sum.shape == (30, 4, 1536)
+    half = expert_masks(stats, top_p=0.5)
+    assert half.active_fraction == 0.5 and all(r.shape == (4, 768 - len(s)) for s, r in zip(half.shared, half.routed))
+    mlps = moefy(model, expert_masks(stats, top_p=1.0))
+    set_experts(mlps, torch.zeros_like(probe["input_ids"]))
+    torch.testing.assert_close(model(**probe).logits, dense, atol=1e-4, rtol=1e-4)
