@@ -1,0 +1,77 @@
+"""PreGatedMoEForCausalLM: conversion exact at full masks, generation, save/load and remote code."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_causal_lm
+from helpers import run_without_hf_ext
+
+from hf_ext.moe import MoEError, PreGatedMoEForCausalLM, activation_stats, convert_to_pregated_moe, expert_masks
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 128, (2, 12), generator=g), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+            for _ in range(n)]
+
+
+def _moe(family="llama", top_p=0.5, experts=4):
+    dense = tiny_causal_lm(family)
+    return dense, convert_to_pregated_moe(dense, expert_masks(activation_stats(dense, _batches(), experts), top_p))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@torch.no_grad()
+def test_full_masks_reproduce_the_dense_model(family):
+    dense, moe = _moe(family, top_p=1.0)
+    x = _batches(1)[0]["input_ids"]
+    torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=1e-4, rtol=1e-4)
+    assert moe.config.active_mlp_fraction == 1.0
+
+
+@torch.no_grad()
+def test_routing_is_decided_from_token_ids_and_generation_matches_recompute():
+    _, moe = _moe(top_p=0.5)
+    assert moe.config.active_mlp_fraction == 0.5
+    x = _batches(1)[0]["input_ids"]
+    ids = moe.route(x)
+    assert ids.shape == x.shape and int(ids.max()) < 4
+    moe(x)
+    assert all(torch.equal(layer.mlp.expert_ids, ids) for layer in moe.model.layers)   # one expert, every layer
+    out = moe.generate(x, max_new_tokens=5, do_sample=False)
+    seq = x
+    for _ in range(5):
+        seq = torch.cat([seq, moe(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_save_load_round_trip_and_remote_code(tmp_path):
+    _, moe = _moe(top_p=0.5)
+    moe.save_pretrained(tmp_path)
+    back = PreGatedMoEForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in moe.state_dict().items())
+    x = _batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        ref = moe(x).logits
+        assert torch.equal(back(x).logits, ref)
+    got = run_without_hf_ext(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        x = torch.tensor({x.tolist()})
+        with torch.no_grad():
+            print(json.dumps({{"logits": m(x).logits.tolist(), "cls": type(m).__name__,
+                              "gen": m.generate(x, max_new_tokens=3, do_sample=False).tolist()}}))
+    """)
+    assert got["cls"] == "PreGatedMoEForCausalLM"
+    assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5)
+
+
+def test_bad_input():
+    dense, moe = _moe()
+    masks = expert_masks(activation_stats(dense, _batches(), 4), 0.5)
+    masks.shared.pop()
+    with pytest.raises(MoEError, match="masks cover 1 layers, the model has 2"):
+        convert_to_pregated_moe(dense, masks)
+    with pytest.raises(ValueError, match="needs expert_ids"):
+        moe.model.layers[0].mlp(torch.randn(1, 3, 32))
