@@ -7,8 +7,8 @@ implementable. ``hits(trace, capacity, policy)`` counts hits; ``optimal_hits_bru
 exhaustive reference the tests hold Belady to.
 
 Example:
-    >>> hits([0, 1, 0, 2, 0, 1], capacity=2, policy="belady"), hits([0, 1, 0, 2, 0, 1], 2, "lru")
-    (2, 2)
+    >>> hits([0, 1, 2, 0, 1, 2], capacity=2, policy="belady"), hits([0, 1, 2, 0, 1, 2], 2, "lru")
+    (2, 0)
 """
 from __future__ import annotations
 
@@ -26,21 +26,31 @@ def _check(capacity: int, policy: str) -> None:
         raise MoEError(f"policy '{policy}' is unknown; use one of {', '.join(POLICIES)}")
 
 
-def hits(trace: list[int], capacity: int, policy: str = "belady") -> int:
-    """Cache hits when serving ``trace`` (expert ids in order) with ``capacity`` resident experts."""
+def hits(trace: list[int], capacity: int, policy: str = "belady", lookahead: int | None = None) -> int:
+    """Cache hits when serving ``trace`` (expert ids in order) with ``capacity`` resident experts.
+
+    ``lookahead`` bounds what Belady sees: only the next ``lookahead`` tokens are known (the queued
+    requests); experts not needed within it are evicted least recently used first.
+    """
     _check(capacity, policy)
     if policy == "none":
         return 0
-    resident: dict[int, int] = {}                # expert -> last use (LRU) or next use (Belady)
-    nxt = _next_uses(trace) if policy == "belady" else None
+    last: dict[int, int] = {}                    # resident expert -> its last use
+    nxt = _next_uses(trace)
+    upcoming: dict[int, float] = {}              # resident expert -> its next use (Belady)
     count = 0
     for i, e in enumerate(trace):
-        if e in resident:
+        if e in last:
             count += 1
-        elif len(resident) >= capacity:
-            victim = max(resident, key=resident.get) if policy == "belady" else min(resident, key=resident.get)
-            del resident[victim]
-        resident[e] = nxt[i] if policy == "belady" else i
+        elif len(last) >= capacity:
+            if policy == "belady":
+                seen = lambda v: upcoming[v] if lookahead is None or upcoming[v] - i <= lookahead else float("inf")  # noqa: E731
+                victim = max(last, key=lambda v: (seen(v), -last[v]))
+            else:
+                victim = min(last, key=last.get)
+            del last[victim]
+            upcoming.pop(victim, None)
+        last[e], upcoming[e] = i, nxt[i]
     return count
 
 

@@ -75,3 +75,17 @@ def test_bad_input():
         convert_to_pregated_moe(dense, masks)
     with pytest.raises(ValueError, match="needs expert_ids"):
         moe.model.layers[0].mlp(torch.randn(1, 3, 32))
+
+
+def test_router_training_learns_the_overlap_targets():
+    from hf_ext.moe.router import overlap_scores, target_accuracy, train_router
+
+    dense, moe = _moe(top_p=0.5)
+    batches = _batches(4)
+    masks = expert_masks(activation_stats(dense, _batches(), 4), 0.5)
+    scores = overlap_scores(dense, masks, batches)
+    assert scores[0].shape == (2, 12, 4)
+    before = target_accuracy(moe, batches, scores)
+    r = train_router(moe, batches, scores, epochs=30, lr=3e-3, progress=False)
+    after = target_accuracy(moe, batches, scores)
+    assert after > max(0.9, before), (before, after, r["loss_curve"][-1])

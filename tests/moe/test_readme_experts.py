@@ -90,5 +90,9 @@ def test_belady_is_optimal_and_lru_never_beats_it():
         assert hits(trace, cap, "belady") == optimal_hits_brute_force(trace, cap), (trace, cap)
         assert hits(trace, cap, "lru") <= hits(trace, cap, "belady") and hits(trace, cap, "none") == 0
     assert hits([0, 1, 2, 0, 1, 2], 2, "lru") == 0 and hits([0, 1, 2, 0, 1, 2], 2, "belady") == 2
+    long = [r.randrange(6) for _ in range(400)]
+    full = hits(long, 3, "belady")
+    assert hits(long, 3, "belady", lookahead=len(long)) == full                       # seeing everything: Belady
+    assert hits(long, 3, "lru") <= hits(long, 3, "belady", lookahead=8) <= full
     with pytest.raises(MoEError, match="capacity=0"):
         hits([0], 0)

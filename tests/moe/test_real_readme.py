@@ -31,3 +31,19 @@ def test_smollm2_experts_from_domain_labels():
     mlps = moefy(model, expert_masks(stats, top_p=1.0))
     set_experts(mlps, torch.zeros_like(probe["input_ids"]))
     torch.testing.assert_close(model(**probe).logits, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_convert_moe_on_smollm2(tmp_path, capsys):
+    import json
+
+    from conversion.cli import main
+
+    out = tmp_path / "moe"
+    assert main(["convert", "moe", "--model", "smollm2-135m", "--experts", "4", "--top-p", "0.5",
+                 "--calib-tokens", "1024", "--train-tokens", "1024", "--router-epochs", "2", "--max-tokens", "512",
+                 "--window", "256", "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["active_mlp_fraction"] == 0.5 and r["experts"] == 4 and r["ppl_converted"] > r["ppl_source"] > 1
+    assert {"config.json", "model.safetensors", "modeling_pregated_moe.py", "README.md"} <= {p.name for p in out.iterdir()}
+    assert main(["convert", "moe", "--top-p", "1.5", "--out", str(tmp_path / "x")]) == 2
+    assert "--top-p 1.5 must lie in (0, 1]" in capsys.readouterr().err and not (tmp_path / "x").exists()
