@@ -64,41 +64,64 @@ class ActivationStats:
         return self.abs_sum / self.tokens.clamp_min(1)[None, :, None]
 
 
-@torch.no_grad()
-def activation_stats(model, batches, clusters: int, labels=None, kmeans_iters: int = 20, seed: int = 0) -> ActivationStats:
-    """Mean |activation| of every MLP neuron per token cluster over ``batches`` (dicts with input_ids,
-    attention_mask). ``labels[i]`` is the domain of batch i's documents ((B,) ints in [0, clusters));
-    without labels, tokens are clustered by k-means on their activation patterns (all layers, L2-normalised)."""
-    mlps = decoder_mlps(model)
+def _run_collect(model, mlps, batches, on_batch):
+    """Run every batch; ``on_batch(i, acts, keep)`` gets the |down-projection inputs| of all layers
+    (L, tokens, N) for the non-pad tokens, batch by batch (nothing is kept across batches)."""
     acts, handles = [], []
     for m in mlps:
         down = getattr(m, mlp_kind(m)[2])
         handles.append(down.register_forward_pre_hook(lambda mod, args: acts.append(args[0].detach().abs().float())))
-    per_batch = []
     try:
-        for b in batches:
+        for i, b in enumerate(batches):
             acts.clear()
             model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
             keep = (b["attention_mask"] if b.get("attention_mask") is not None else torch.ones_like(b["input_ids"])).bool()
-            per_batch.append((torch.stack([a[keep] for a in acts]), keep))        # (L, tokens, N)
+            on_batch(i, torch.stack([a[keep] for a in acts]), keep)                 # (L, tokens, N)
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def activation_stats(model, batches, clusters: int, labels=None, kmeans_iters: int = 20, seed: int = 0,
+                     sketch_dim: int = 256) -> ActivationStats:
+    """Mean |activation| of every MLP neuron per token cluster over ``batches`` (dicts with input_ids,
+    attention_mask). ``labels[i]`` is the domain of batch i's documents ((B,) ints in [0, clusters));
+    without labels, tokens are clustered by k-means on their activation patterns (all layers, L2-normalised,
+    sketched to ``sketch_dim`` dimensions by a fixed random projection), which takes a second pass."""
+    mlps = decoder_mlps(model)
+    batches = list(batches)
     if labels is not None:
-        assign = [torch.as_tensor(y)[:, None].expand_as(k)[k] for y, (_, k) in zip(labels, per_batch)]
+        assign = [torch.as_tensor(y)[:, None].expand_as(b["attention_mask"] if b.get("attention_mask") is not None
+                                                        else b["input_ids"])
+                  for y, b in zip(labels, batches)]
+        keeps = [(b["attention_mask"] if b.get("attention_mask") is not None else torch.ones_like(b["input_ids"])).bool()
+                 for b in batches]
+        assign = [a[k] for a, k in zip(assign, keeps)]
     else:
-        feats = torch.cat([torch.nn.functional.normalize(a.permute(1, 0, 2).flatten(1), dim=1) for a, _ in per_batch])
-        flat = kmeans(feats, clusters, kmeans_iters, seed)
-        sizes = [a.shape[1] for a, _ in per_batch]
-        assign = list(flat.split(sizes))
-    L, N = per_batch[0][0].shape[0], per_batch[0][0].shape[2]
-    abs_sum, tokens = torch.zeros(L, clusters, N), torch.zeros(clusters)
-    for (a, _), c in zip(per_batch, assign):
+        feats, proj = [], {}
+
+        def sketch(i, a, keep):
+            flat = torch.nn.functional.normalize(a.permute(1, 0, 2).flatten(1), dim=1)   # (tokens, L * N)
+            if "R" not in proj:
+                g = torch.Generator().manual_seed(seed)
+                proj["R"] = torch.randn(flat.shape[1], sketch_dim, generator=g) / sketch_dim ** 0.5
+            feats.append(flat @ proj["R"])                                               # (tokens, sketch_dim)
+        _run_collect(model, mlps, batches, sketch)
+        ids = kmeans(torch.cat(feats), clusters, kmeans_iters, seed)
+        assign = list(ids.split([len(f) for f in feats]))
+    state = {}
+
+    def accumulate(i, a, keep):
+        c = assign[i]
         if c.numel() and (c.min() < 0 or c.max() >= clusters):
             raise MoEError(f"domain labels must lie in [0, {clusters}); got {c.min().item()}..{c.max().item()}")
-        abs_sum.index_add_(1, c, a)
-        tokens += torch.bincount(c, minlength=clusters).float()
-    return ActivationStats(abs_sum, tokens, assign)
+        if "abs_sum" not in state:
+            state["abs_sum"], state["tokens"] = torch.zeros(a.shape[0], clusters, a.shape[2]), torch.zeros(clusters)
+        state["abs_sum"].index_add_(1, c, a)
+        state["tokens"] += torch.bincount(c, minlength=clusters).float()
+    _run_collect(model, mlps, batches, accumulate)
+    return ActivationStats(state["abs_sum"], state["tokens"], assign)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Tensor:
