@@ -37,6 +37,14 @@ class PreGatedMoEMLP(nn.Module):
         self.routed_in_bias = nn.Parameter(torch.zeros(experts, expert_size)) if bias else None
         self.out_bias = nn.Parameter(torch.zeros(hidden)) if bias else None
         self.expert_ids: torch.Tensor | None = None
+        self.num_routed = experts
+        self.expert_source = None       # d -> (w_in, w_out, b_in): an offloading cache (hf_ext.moe.cache)
+
+    def routed_weights(self, d: int):
+        """(w_in (2|1, K, H), w_out (H, K), b_in (K,) or None) of routed expert d."""
+        if self.expert_source is not None:
+            return self.expert_source(d)
+        return self.routed_in[d], self.routed_out[d], None if self.routed_in_bias is None else self.routed_in_bias[d]
 
     def expert(self, x, w_in, w_out, b_in=None):
         """One expert on tokens x (..., H): down(act(gate x) * up x), or down(act(fc1 x))."""
@@ -46,15 +54,14 @@ class PreGatedMoEMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.expert(x, self.shared_in, self.shared_out, self.shared_in_bias)         # (B, T, H)
-        if self.routed_in.shape[2]:
+        if self.expert_source is not None or self.routed_in.shape[2]:
             if self.expert_ids is None or self.expert_ids.shape != x.shape[:-1]:
                 raise ValueError("PreGatedMoEMLP needs expert_ids (B, T) for this call; run the model, which routes")
             flat, ids = x.reshape(-1, x.shape[-1]), self.expert_ids.reshape(-1)           # (BT, H), (BT,)
             routed = torch.zeros_like(flat)
             for d in ids.unique().tolist():
                 sel = (ids == d).nonzero().flatten()
-                b = None if self.routed_in_bias is None else self.routed_in_bias[d]
-                routed.index_add_(0, sel, self.expert(flat[sel], self.routed_in[d], self.routed_out[d], b))
+                routed.index_add_(0, sel, self.expert(flat[sel], *self.routed_weights(d)))
             y = y + routed.view_as(y)
         return y if self.out_bias is None else y + self.out_bias
 

@@ -89,3 +89,31 @@ def test_router_training_learns_the_overlap_targets():
     r = train_router(moe, batches, scores, epochs=30, lr=3e-3, progress=False)
     after = target_accuracy(moe, batches, scores)
     assert after > max(0.9, before), (before, after, r["loss_curve"][-1])
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+@torch.no_grad()
+def test_offloaded_experts_give_the_same_logits_and_the_simulated_hits(tmp_path, policy):
+    from hf_ext.moe.cache import ExpertCache
+    from hf_ext.moe.policy import hits
+
+    _, moe = _moe(top_p=0.5)
+    x = _batches(1)[0]["input_ids"][:1]                                               # one stream
+    ref = moe(x).logits
+    cache = ExpertCache.offload(moe, tmp_path, capacity=2, policy=policy)
+    assert moe.model.layers[0].mlp.routed_in.numel() == 0 and (tmp_path / "experts.safetensors").exists()
+    assert torch.equal(moe(x).logits, ref)
+    trace = [int(e) for e in torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(1))]
+    cache.hits = cache.misses = 0
+    for layer in cache.resident:
+        layer.clear()
+    for i, e in enumerate(trace):                                                     # token by token
+        cache.lookahead(trace[i + 1:i + 9])
+        for layer in range(2):
+            cache.get(layer, e)
+    assert cache.hits == 2 * hits(trace, 2, policy, lookahead=8)
+    cache.prefetch([0, 1])
+    cache.wait()
+    assert all(set(layer) == {0, 1} for layer in cache.resident), [list(layer) for layer in cache.resident]
+    with pytest.raises(MoEError, match="capacity=0"):
+        ExpertCache(tmp_path / "experts.safetensors", 2, 0)
