@@ -29,6 +29,20 @@ from hf_ext.moe import activation_stats, convert_to_pregated_moe, expert_masks, 
 from hf_ext.moe.router import overlap_scores, target_accuracy, train_router  # noqa: E402
 
 
+def load_smollm2():
+    """SmolLM2-135M and its tokenizer (padding with EOS), transformers' warnings off."""
+    import transformers
+
+    from hf_ext.zoo import load_causal_lm
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    dense, tok = load_causal_lm("smollm2-135m")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return dense, tok
+
+
 def calibration_batches(tok, per_class: int, batch: int = 16):
     from hf_ext.tasks import load_task
 
@@ -56,7 +70,7 @@ def nll(model, windows: torch.Tensor, expert_ids: list[torch.Tensor] | None = No
 
 
 def main():
-    from hf_ext.zoo import load_causal_lm, load_corpus
+    from hf_ext.zoo import load_corpus
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--per-class", type=int, default=48, help="docs-sections train paragraphs per section")
@@ -64,12 +78,7 @@ def main():
     ap.add_argument("--router-epochs", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    dense, tok = load_causal_lm("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    dense, tok = load_smollm2()
     batches, labels = calibration_batches(tok, args.per_class)
     train_tokens = int(sum(b["attention_mask"].sum() for b in batches))
     ids = tok(load_corpus("python-docs:eval", max_chars=args.eval_tokens * 8), return_tensors="pt")["input_ids"][0]

@@ -24,7 +24,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from moe import calibration_batches  # noqa: E402
+from moe import calibration_batches, load_smollm2  # noqa: E402
 
 from hf_ext.moe import activation_stats, convert_to_pregated_moe, expert_masks  # noqa: E402
 from hf_ext.moe.cache import ExpertCache  # noqa: E402
@@ -63,7 +62,7 @@ def decode(model, prompt: torch.Tensor, new: int, cache: ExpertCache | None = No
 
 
 def main():
-    from hf_ext.zoo import load_causal_lm, load_corpus
+    from hf_ext.zoo import load_corpus
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capacity", type=int, default=4, help="experts per layer kept in RAM (of 8)")
@@ -71,12 +70,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--out", default="benchmarks/results/moe_latency.json")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    import transformers
-    transformers.logging.set_verbosity_error()
-    dense, tok = load_causal_lm("smollm2-135m")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    dense, tok = load_smollm2()
     batches, labels = calibration_batches(tok, 24)
     masks = expert_masks(activation_stats(dense, batches, clusters=8, labels=labels), top_p=0.5)
     moe = convert_to_pregated_moe(dense, masks).eval()

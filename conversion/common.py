@@ -56,22 +56,6 @@ def maybe_push(args, folder) -> str | None:
 
 def load_diffusers_model(folder):
     """A saved diffusers model (a model folder, or a pipeline folder's transformer), fp32, eval mode."""
-    import json
-    from pathlib import Path
+    from hf_ext.hub import load_diffusers_folder
 
-    import diffusers
-    import torch
-
-    from hf_ext.errors import HfExtError
-
-    root = Path(folder)
-    if (root / "model_index.json").is_file():
-        root = root / "transformer"
-    cfg = root / "config.json"
-    if not cfg.is_file():
-        raise HfExtError(f"{folder} holds no diffusers transformer (no config.json or model_index.json); point "
-                         "--model at a saved transformer or pipeline folder")
-    cls = getattr(diffusers, json.loads(cfg.read_text()).get("_class_name", ""), None)
-    if cls is None:
-        raise HfExtError(f"{cfg} names no diffusers model class; point --model at a diffusers transformer")
-    return cls.from_pretrained(root, torch_dtype=torch.float32).eval()
+    return load_diffusers_folder(folder)

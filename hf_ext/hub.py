@@ -67,6 +67,28 @@ def save_converted(model, out: str | os.PathLike, *, tokenizer=None, card=None, 
     return out
 
 
+def load_diffusers_folder(folder: str | os.PathLike, dtype=None):
+    """The diffusers model saved in ``folder`` (a model folder, or a pipeline folder's ``transformer``), in eval
+    mode, fp32 by default; the class comes from its ``config.json``."""
+    import diffusers
+    import torch
+
+    from .errors import HfExtError
+
+    root = Path(folder)
+    if (root / "model_index.json").is_file():
+        root = root / "transformer"
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        raise HfExtError(f"{folder} holds no diffusers transformer (no config.json or model_index.json); point "
+                         "at a saved transformer or pipeline folder")
+    name = json.loads(cfg.read_text()).get("_class_name")
+    cls = getattr(diffusers, name or "", None)
+    if cls is None:
+        raise HfExtError(f"{cfg} names no diffusers model class ({name!r}); point at a diffusers transformer")
+    return cls.from_pretrained(root, torch_dtype=dtype or torch.float32).eval()
+
+
 def card_template(technique: str) -> Path:
     import model_cards
 

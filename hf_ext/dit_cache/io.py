@@ -53,15 +53,10 @@ def load_factors(folder: str | os.PathLike) -> tuple[dict, ICCConfig]:
 
 def load_icc_transformer(folder: str | os.PathLike, dtype=torch.float32):
     """The transformer saved in ``folder`` with its ICC factors applied: ``(transformer, config)``."""
-    import diffusers
-
+    from ..hub import load_diffusers_folder
     from .hooks import apply_icc_cache
 
-    cls_name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
-    cls = getattr(diffusers, cls_name or "", None)
-    if cls is None:
-        raise ICCError(f"{folder}/config.json names no diffusers model class ({cls_name!r}); point at a saved transformer")
-    transformer = cls.from_pretrained(folder, torch_dtype=dtype).eval()
+    transformer = load_diffusers_folder(folder, dtype)
     factors, config = load_factors(folder)
     apply_icc_cache(transformer, config, factors)
     return transformer, config

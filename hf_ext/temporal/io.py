@@ -81,11 +81,7 @@ def apply_saved_tfmq(model, folder: str | os.PathLike):
 
 def load_tfmq_model(folder: str | os.PathLike, dtype=torch.float32):
     """The diffusers model saved in ``folder`` with its TFMQ quantization applied: ``(model, config)``."""
-    import diffusers
+    from ..hub import load_diffusers_folder
 
-    cls_name = json.loads((Path(folder) / "config.json").read_text()).get("_class_name")
-    cls = getattr(diffusers, cls_name or "", None)
-    if cls is None:
-        raise TemporalError(f"{folder}/config.json names no diffusers model class ({cls_name!r})")
-    model = cls.from_pretrained(folder, torch_dtype=dtype).eval()
+    model = load_diffusers_folder(folder, dtype)
     return model, apply_saved_tfmq(model, folder)
