@@ -102,3 +102,45 @@ def target_accuracy(moe, batches, scores) -> float:
         hit += int((moe.route(b["input_ids"]) == s.argmax(-1))[mask].sum())
         seen += int(mask.sum())
     return hit / max(seen, 1)
+
+
+def finetune_experts(moe, dense, batches, epochs: int = 1, lr: float = 1e-4, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """The backbone half of Read-ME's alternating training: with the router's expert choices fixed, train
+    the experts (every ``PreGatedMoEMLP`` parameter) to match the dense model's next-token distribution
+    (KL(dense || MoE) over non-pad tokens), through accelerate. Everything else stays frozen."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    acc = Accelerator()
+    torch.manual_seed(seed)
+    params = [p for layer in moe.model.layers for p in layer.mlp.parameters()]
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model, opt = acc.prepare(moe, opt)
+    g = torch.Generator().manual_seed(seed)
+    curve = []
+    bar = tqdm(total=epochs * len(batches), desc="experts", disable=not progress)
+    model.train()
+    for _ in range(epochs):
+        for i in torch.randperm(len(batches), generator=g).tolist():
+            b = batches[i]
+            mask = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
+            with torch.no_grad():    # dense targets, recomputed: a (tokens, vocab) tensor per batch is too big to keep
+                dense_logits = dense(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+                target = F.log_softmax(dense_logits[mask], -1)                          # (M, V)
+            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
+            loss = F.kl_div(F.log_softmax(logits[mask], -1), target, log_target=True, reduction="batchmean")
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+            bar.update()
+    bar.close()
+    model.eval()
+    for p in moe.parameters():
+        p.requires_grad_(False)
+    return {"loss_curve": curve}

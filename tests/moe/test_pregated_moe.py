@@ -117,3 +117,21 @@ def test_offloaded_experts_give_the_same_logits_and_the_simulated_hits(tmp_path,
     assert all(set(layer) == {0, 1} for layer in cache.resident), [list(layer) for layer in cache.resident]
     with pytest.raises(MoEError, match="capacity=0"):
         ExpertCache(tmp_path / "experts.safetensors", 2, 0)
+
+
+def test_expert_finetuning_moves_the_moe_toward_the_dense_model():
+    from hf_ext.moe.router import finetune_experts
+
+    dense, moe = _moe(top_p=0.5)
+    batches = _batches(4)
+
+    def kl():
+        with torch.no_grad():
+            return sum(torch.nn.functional.kl_div(torch.log_softmax(moe(**b).logits, -1),
+                                                  torch.log_softmax(dense(**b).logits, -1), log_target=True,
+                                                  reduction="batchmean").item() for b in batches)
+    before = kl()
+    router_before = [p.clone() for p in moe.router.parameters()]
+    log = finetune_experts(moe, dense, batches, epochs=10, lr=3e-3, progress=False)
+    assert kl() < 0.5 * before, (before, kl(), log["loss_curve"][-1])
+    assert all(torch.equal(a, b) for a, b in zip(router_before, moe.router.parameters()))   # only experts trained
