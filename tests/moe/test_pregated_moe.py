@@ -117,6 +117,26 @@ def test_offloaded_experts_give_the_same_logits_and_the_simulated_hits(tmp_path,
     assert all(set(layer) == {0, 1} for layer in cache.resident), [list(layer) for layer in cache.resident]
     with pytest.raises(MoEError, match="capacity=0"):
         ExpertCache(tmp_path / "experts.safetensors", 2, 0)
+    with pytest.raises(MoEError, match="store 'ssd'"):
+        ExpertCache(tmp_path / "experts.safetensors", 2, 1, store="ssd")
+
+
+@torch.no_grad()
+def test_host_store_serves_experts_from_ram_without_reading_the_file(tmp_path):
+    from hf_ext.moe.cache import ExpertCache
+
+    _, moe = _moe(top_p=0.5)
+    x = _batches(1)[0]["input_ids"][:2]
+    ref = moe(x).logits
+    cache = ExpertCache.offload(moe, tmp_path, capacity=1, policy="lru", store="host")
+
+    def no_reads(key):
+        raise AssertionError(f"read {key} from disk")
+    cache.file = type("NoFile", (), {"get_tensor": staticmethod(no_reads), "keys": lambda self: []})()
+    assert torch.equal(moe(x).logits, ref) and cache.misses > 0
+    assert all(len(layer) == 1 for layer in cache.resident)
+    assert cache.resident_bytes == sum(cache.host[f"{l}.{d}.{w}"].nbytes for l, layer in enumerate(cache.resident)
+                                       for d in layer for w in ("in", "out"))
 
 
 def test_expert_finetuning_moves_the_moe_toward_the_dense_model():
