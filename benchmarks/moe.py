@@ -81,6 +81,7 @@ def main():
     ap.add_argument("--expert-epochs", type=int, default=0,
                     help="epochs of expert fine-tuning (KL to dense); 0 (default) skips it: over 25 min per D on 2 cores")
     ap.add_argument("--expert-lr", type=float, default=1e-4)
+    ap.add_argument("--experts", type=int, nargs="*", default=[4, 8], help="D values (4: k-means, 8: section labels)")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
     dense, tok = load_smollm2()
@@ -95,7 +96,7 @@ def main():
     rows = [{"model": "dense SmolLM2-135M", "experts": 1, "ppl": math.exp(dense_nll), "active_mlp_fraction": 1.0,
              "active_mlp_params": mlp_params}]
     cache_rows = []
-    for D in (4, 8):
+    for D in args.experts:
         stats = activation_stats(dense, batches, clusters=D, labels=labels if D == 8 else None)
         masks = expert_masks(stats, top_p=0.5)
         moe = convert_to_pregated_moe(dense, masks).eval()

@@ -61,6 +61,15 @@ def decode(model, prompt: torch.Tensor, new: int, cache: ExpertCache | None = No
     return ids[0, prompt.shape[1]:].tolist(), times
 
 
+def trained_moe(dense, tok):
+    """The benchmarks' serving model: 8 experts from the docs-sections labels, top-p 0.5, router trained."""
+    batches, labels = calibration_batches(tok, 24)
+    masks = expert_masks(activation_stats(dense, batches, clusters=8, labels=labels), top_p=0.5)
+    moe = convert_to_pregated_moe(dense, masks).eval()
+    train_router(moe, batches, overlap_scores(dense, masks, batches), epochs=6, progress=False)
+    return moe
+
+
 def main():
     from hf_ext.zoo import load_corpus
 
@@ -71,10 +80,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/moe_latency.json")
     args = ap.parse_args()
     dense, tok = load_smollm2()
-    batches, labels = calibration_batches(tok, 24)
-    masks = expert_masks(activation_stats(dense, batches, clusters=8, labels=labels), top_p=0.5)
-    moe = convert_to_pregated_moe(dense, masks).eval()
-    train_router(moe, batches, overlap_scores(dense, masks, batches), epochs=6, progress=False)
+    moe = trained_moe(dense, tok)
     in_ram = copy.deepcopy(moe)
     folder = tempfile.mkdtemp(prefix="hf_ext_experts_")
     cache = ExpertCache.offload(moe, folder, capacity=args.capacity, policy="lru")
