@@ -129,7 +129,10 @@ def main():
                                "belady_lookahead_16": hits(trace, cap, "belady", lookahead=16) / len(trace),
                                "belady_full_trace": hits(trace, cap, "belady") / len(trace)})
             print(json.dumps(cache_rows[-1]), flush=True)
-    res = {"title": "Read-ME: pre-gated MoE from SmolLM2-135M", "command": "python benchmarks/moe.py",
+    title = "Read-ME: pre-gated MoE from SmolLM2-135M"
+    if args.expert_epochs:
+        title += f", with the experts fine-tuned ({args.expert_epochs} epochs)"
+    res = {"title": title, "command": " ".join(["python benchmarks/moe.py"] + sys.argv[1:]),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "sections": {
                "Perplexity": {"note": f"python-docs:eval, {windows.numel()} tokens in windows of 256; top-p 0.5; router "
