@@ -1,0 +1,116 @@
+"""One-step SR transformer (TSD-SR / TinySR style): SD3 joint blocks map an LR latent to a velocity.
+
+TinySR (2025) compresses TSD-SR, a one-step SR model distilled from SD3: the bicubic-upsampled LR image's
+latent z_lr is treated as the noisy latent of one fixed timestep, and z_hr = z_lr - sigma * v(z_lr). This
+module is that transformer, self-contained: its fixed "prompt" (``prompt_embeds``, ``pooled_projections``,
+learned, since no text encoder is needed at inference) and ``timestep`` are part of it.
+
+Two TinySR ideas live here:
+- **Pre-caching** (``precache``): the time embedding, the prompt embedding and the final AdaLN modulation
+  depend only on the fixed timestep and prompt, so they are computed once and stored as buffers, and the
+  modules that made them are dropped. The output is bit-identical (tested).
+- **Depth masks**: x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i on both streams. ``block_mask`` (a buffer,
+  all ones) or a per-call mask (the differentiable search in ``pruning.py``); ``keep_blocks`` then builds a
+  model that really has fewer blocks.
+
+Example:
+    >>> model = OneStepSRTransformer2DModel(num_layers=2, num_attention_heads=2, attention_head_dim=16)
+    >>> model(torch.randn(1, 4, 8, 8)).shape
+    torch.Size([1, 4, 8, 8])
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
+from torch import nn
+
+
+class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
+    """MMDiT over the LR latent (B, C, h, w) -> velocity (B, C, h, w), with a fixed learned prompt."""
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, patch_size: int = 1, num_layers: int = 4, num_attention_heads: int = 4,
+                 attention_head_dim: int = 32, joint_attention_dim: int = 64, pooled_projection_dim: int = 64,
+                 prompt_length: int = 4, pos_embed_max_size: int = 64, timestep: float = 999.0,
+                 precached: bool = False, context_pre_only_last: bool = True):
+        super().__init__()
+        dim = num_attention_heads * attention_head_dim
+        self.pos_embed = PatchEmbed(pos_embed_max_size, pos_embed_max_size, patch_size, in_channels, dim,
+                                    pos_embed_max_size=pos_embed_max_size)
+        self.transformer_blocks = nn.ModuleList([
+            JointTransformerBlock(dim, num_attention_heads, attention_head_dim,
+                                  context_pre_only=context_pre_only_last and i == num_layers - 1)
+            for i in range(num_layers)])
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(dim, patch_size * patch_size * in_channels)
+        self.register_buffer("block_mask", torch.ones(num_layers))                    # m_i, 1 = keep
+        if precached:                                     # what the fixed prompt and timestep always give
+            self.register_buffer("temb", torch.zeros(1, dim))                         # (1, D)
+            self.register_buffer("context", torch.zeros(1, prompt_length, dim))        # (1, L, D)
+            self.register_buffer("out_modulation", torch.zeros(1, 2 * dim))          # (1, 2D): scale, shift
+        else:
+            self.prompt_embeds = nn.Parameter(torch.randn(1, prompt_length, joint_attention_dim) * 0.02)
+            self.pooled_projections = nn.Parameter(torch.zeros(1, pooled_projection_dim))
+            self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim)
+            self.context_embedder = nn.Linear(joint_attention_dim, dim)
+            self.norm_out_modulation = nn.Linear(dim, 2 * dim)
+
+    def conditioning(self, batch: int):
+        """(temb (B, D), context (B, L, D), out_modulation (B, 2D)) for the fixed prompt and timestep."""
+        if self.config.precached:
+            temb, ctx, mod = self.temb, self.context, self.out_modulation
+        else:
+            t = torch.full((1,), self.config.timestep, device=self.device, dtype=self.dtype)
+            temb = self.time_text_embed(t, self.pooled_projections)
+            ctx = self.context_embedder(self.prompt_embeds)
+            mod = self.norm_out_modulation(F.silu(temb))
+        return temb.expand(batch, -1), ctx.expand(batch, -1, -1), mod.expand(batch, -1)
+
+    def forward(self, hidden_states: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = hidden_states.shape
+        p = self.config.patch_size
+        temb, ctx, mod = self.conditioning(B)
+        x = self.pos_embed(hidden_states)                                              # (B, N, D)
+        masks = self.block_mask if block_mask is None else block_mask
+        for m, block in zip(masks, self.transformer_blocks):
+            ctx_new, x_new = block(hidden_states=x, encoder_hidden_states=ctx, temb=temb)
+            x = m * x_new + (1 - m) * x                                                # m = 1: exactly x_new
+            if ctx_new is not None:
+                ctx = m * ctx_new + (1 - m) * ctx
+        scale, shift = mod.chunk(2, dim=1)
+        x = self.proj_out(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])    # (B, N, p*p*C)
+        x = x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, H, W)
+
+
+@torch.no_grad()
+def precache(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
+    """A copy whose time/prompt embeddings and final modulation are stored, their modules removed."""
+    if model.config.precached:
+        return copy.deepcopy(model)
+    temb, ctx, mod = model.conditioning(1)
+    out = OneStepSRTransformer2DModel.from_config(model.config, precached=True).to(model.device)
+    if out.dtype != model.dtype:
+        out = out.to(dtype=model.dtype)
+    state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
+    out.load_state_dict({**state, "temb": temb, "context": ctx, "out_modulation": mod})
+    return out.eval() if not model.training else out
+
+
+@torch.no_grad()
+def keep_blocks(model: OneStepSRTransformer2DModel, keep: list[int]) -> OneStepSRTransformer2DModel:
+    """A model with only the blocks ``keep`` (in order): depth pruning made real, fewer parameters."""
+    n = model.config.num_layers
+    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
+        raise ValueError(f"keep={keep}: give increasing block indices in [0, {n})")
+    out = copy.deepcopy(model)
+    out.transformer_blocks = nn.ModuleList(out.transformer_blocks[i] for i in keep)
+    out.block_mask = model.block_mask[keep].clone()
+    out.register_to_config(num_layers=len(keep), context_pre_only_last=n - 1 in keep)
+    return out
