@@ -11,9 +11,10 @@ from .ncnn import NcnnError, read_ncnn
 from .ops import adain_color_fix, wavelet_color_fix
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pipeline_realesrgan import RealESRGANPipeline
+from .pruning import BlockGates, DepthSearchConfig, search_depth
 from .realesrgan import RRDBNet, SRVGGNetCompact, from_ncnn, load_upscaler, upscaler_folder
 from .tiling import tiled_upscale
 
-__all__ = ["NcnnError", "OneStepSRPipeline", "OneStepSRTransformer2DModel", "RRDBNet", "RealESRGANPipeline",
+__all__ = ["BlockGates", "DepthSearchConfig", "NcnnError", "OneStepSRPipeline", "OneStepSRTransformer2DModel", "RRDBNet", "RealESRGANPipeline",
            "SRVGGNetCompact", "adain_color_fix", "from_ncnn", "keep_blocks", "load_upscaler", "precache",
-           "read_ncnn", "tiled_upscale", "upscaler_folder", "wavelet_color_fix"]
+           "read_ncnn", "search_depth", "tiled_upscale", "upscaler_folder", "wavelet_color_fix"]

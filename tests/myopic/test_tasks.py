@@ -26,6 +26,16 @@ def test_synthetic_data_follows_the_formula():
     assert abs(trivial_loss(SyntheticConfig(p=1.0, eval_sequences=4096)) - 1.257) < 0.02
 
 
+def test_frequency_curriculum_ramps_to_the_task_and_evaluation_stays_there():
+    cfg = SyntheticConfig(steps=100, curriculum=0.3)
+    assert cfg.train_freq(0) == 1 and cfg.train_freq(15) == 5.5 and cfg.train_freq(30) == cfg.train_freq(99) == 10
+    assert SyntheticConfig(steps=100, curriculum=0).train_freq(0) == 10                  # the paper: no ramp
+    x, z, y = sample(SyntheticConfig(p=1.0), 2, torch.Generator().manual_seed(0), freq=3.0)
+    assert abs(float(y[0, 12]) - sum(math.sin(3 * float(x[0, 12 - i])) for i in range(1, 11))) < 1e-4
+    with pytest.raises(ValueError, match="curriculum"):
+        SyntheticConfig(curriculum=1.5)
+
+
 def test_ridge_probe_r2():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(4000, 16, generator=g)
@@ -77,3 +87,12 @@ def test_gap_cli_bad_input(tiny_lm_dir, tmp_path, capsys):
     assert "never saw" in capsys.readouterr().err and not out.exists()
     assert main(["myopic", "gap", "--model", str(tiny_lm_dir), "--local-window", "0", "--out", str(out)]) == 2
     assert "local-window" in capsys.readouterr().err and not out.exists()
+
+
+def test_synthetic_cli_reports_both_models_and_refuses_a_bad_curriculum(capsys):
+    assert main(["myopic", "synthetic", "--steps", "2", "--batch-size", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["steps"] == 2 and r["curriculum"] == SyntheticConfig().curriculum
+    assert {"vanilla_normalized_loss", "myopic_normalized_loss", "vanilla_probe_r2_layer2"} <= set(r)
+    assert main(["myopic", "synthetic", "--curriculum", "1.5"]) == 2
+    assert "curriculum=1.5" in capsys.readouterr().err
