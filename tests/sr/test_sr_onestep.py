@@ -87,3 +87,23 @@ def test_pipeline_shapes_tiles_and_round_trip(tmp_path):
         pipe(img, color_fix="lab")
     with pytest.raises(ValueError, match="upscale"):
         pipe(img, upscale=1.5)
+
+
+@torch.no_grad()
+def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path):
+    from hf_ext.sr.vae import remove_attention
+
+    vae = tiny_pipeline().vae
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    lean = remove_attention(vae)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(lean) < n(vae) and not torch.equal(lean(x).sample, vae(x).sample)
+    for mid in (vae.encoder.mid_block, vae.decoder.mid_block):
+        for attn in mid.attentions:
+            attn.to_out[0].weight.zero_()
+            attn.to_out[0].bias.zero_()                       # the residual attention now adds exactly 0
+    torch.testing.assert_close(remove_attention(vae)(x).sample, vae(x).sample, rtol=0, atol=1e-6)
+    lean.save_pretrained(tmp_path)
+    assert torch.equal(AutoencoderKL.from_pretrained(tmp_path)(x).sample, lean(x).sample)
+    with pytest.raises(TypeError, match="AutoencoderKL"):
+        remove_attention(torch.nn.Linear(2, 2))
