@@ -6,9 +6,10 @@ module is that transformer, self-contained: its fixed "prompt" (``prompt_embeds`
 learned, since no text encoder is needed at inference) and ``timestep`` are part of it.
 
 Two TinySR ideas live here:
-- **Pre-caching** (``precache``): the time embedding, the prompt embedding and the final AdaLN modulation
-  depend only on the fixed timestep and prompt, so they are computed once and stored as buffers, and the
-  modules that made them are dropped. The output is bit-identical (tested).
+- **Pre-caching** (``precache``): the time embedding, the prompt embedding, every block's AdaLN-Zero
+  modulation (the official TinySR code caches these too) and the final AdaLN modulation depend only on
+  the fixed timestep and prompt, so they are computed once and stored as buffers, and the linears that
+  made them are dropped. The output is bit-identical (tested): both paths compute them on one row.
 - **Depth masks**: x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i on both streams. ``block_mask`` (a buffer,
   all ones) or a per-call mask (the differentiable search in ``pruning.py``); ``keep_blocks`` then builds a
   model that really has fewer blocks.
@@ -29,6 +30,17 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from torch import nn
+
+
+class CachedOutput(nn.Module):
+    """Stands in for a linear whose input never changes: returns its stored output (1, width)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("value", torch.zeros(1, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
 
 
 class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
@@ -54,6 +66,9 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
             self.register_buffer("temb", torch.zeros(1, dim))                         # (1, D)
             self.register_buffer("context", torch.zeros(1, prompt_length, dim))        # (1, L, D)
             self.register_buffer("out_modulation", torch.zeros(1, 2 * dim))          # (1, 2D): scale, shift
+            for block in self.transformer_blocks:                                     # AdaLN(-Zero) modulations
+                for norm in (block.norm1, block.norm1_context):
+                    norm.linear = CachedOutput(norm.linear.out_features)
         else:
             self.prompt_embeds = nn.Parameter(torch.randn(1, prompt_length, joint_attention_dim) * 0.02)
             self.pooled_projections = nn.Parameter(torch.zeros(1, pooled_projection_dim))
@@ -62,7 +77,8 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
             self.norm_out_modulation = nn.Linear(dim, 2 * dim)
 
     def conditioning(self, batch: int):
-        """(temb (B, D), context (B, L, D), out_modulation (B, 2D)) for the fixed prompt and timestep."""
+        """(temb (1, D), context (B, L, D), out_modulation (1, 2D)) for the fixed prompt and timestep; the
+        modulations broadcast over the batch, so they are computed on one row in either path."""
         if self.config.precached:
             temb, ctx, mod = self.temb, self.context, self.out_modulation
         else:
@@ -70,7 +86,7 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
             temb = self.time_text_embed(t, self.pooled_projections)
             ctx = self.context_embedder(self.prompt_embeds)
             mod = self.norm_out_modulation(F.silu(temb))
-        return temb.expand(batch, -1), ctx.expand(batch, -1, -1), mod.expand(batch, -1)
+        return temb, ctx.expand(batch, -1, -1), mod
 
     def forward(self, hidden_states: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = hidden_states.shape
@@ -91,16 +107,20 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
 
 @torch.no_grad()
 def precache(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
-    """A copy whose time/prompt embeddings and final modulation are stored, their modules removed."""
+    """A copy whose time/prompt embeddings and AdaLN modulations are stored, the modules that made them removed."""
     if model.config.precached:
         return copy.deepcopy(model)
     temb, ctx, mod = model.conditioning(1)
     out = OneStepSRTransformer2DModel.from_config(model.config, precached=True).to(model.device)
     if out.dtype != model.dtype:
         out = out.to(dtype=model.dtype)
+    cached = {"temb": temb, "context": ctx, "out_modulation": mod}
+    for i, block in enumerate(model.transformer_blocks):
+        for name in ("norm1", "norm1_context"):
+            cached[f"transformer_blocks.{i}.{name}.linear.value"] = getattr(block, name).linear(F.silu(temb))
     state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
-    out.load_state_dict({**state, "temb": temb, "context": ctx, "out_modulation": mod})
-    return out.eval() if not model.training else out
+    out.load_state_dict({**state, **cached})
+    return out.train(model.training)
 
 
 @torch.no_grad()
