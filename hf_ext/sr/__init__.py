@@ -14,8 +14,8 @@ from .pipeline_realesrgan import RealESRGANPipeline
 from .pruning import BlockGates, DepthSearchConfig, search_depth
 from .realesrgan import RRDBNet, SRVGGNetCompact, from_ncnn, load_upscaler, upscaler_folder
 from .tiling import tiled_upscale
-from .vae import remove_attention
+from .vae import SepConv2d, remove_attention, replace_with_sepconv
 
 __all__ = ["BlockGates", "DepthSearchConfig", "NcnnError", "OneStepSRPipeline", "OneStepSRTransformer2DModel", "RRDBNet", "RealESRGANPipeline",
            "SRVGGNetCompact", "adain_color_fix", "from_ncnn", "keep_blocks", "load_upscaler", "precache",
-           "read_ncnn", "remove_attention", "search_depth", "tiled_upscale", "upscaler_folder", "wavelet_color_fix"]
+           "SepConv2d", "read_ncnn", "remove_attention", "replace_with_sepconv", "search_depth", "tiled_upscale", "upscaler_folder", "wavelet_color_fix"]

@@ -107,3 +107,26 @@ def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path
     assert torch.equal(AutoencoderKL.from_pretrained(tmp_path)(x).sample, lean(x).sample)
     with pytest.raises(TypeError, match="AutoencoderKL"):
         remove_attention(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def test_sepconv_factorization_is_exact_for_separable_weights_and_shrinks_the_vae():
+    from hf_ext.sr.ops import sepconv_factors, sepconv_weight_naive
+    from hf_ext.sr.vae import SepConv2d, replace_with_sepconv
+
+    g = torch.Generator().manual_seed(0)
+    dw, pw = torch.randn(6, 1, 3, 3, generator=g), torch.randn(5, 6, 1, 1, generator=g)
+    dense = sepconv_weight_naive(dw, pw)                                   # separable by construction
+    torch.testing.assert_close(sepconv_weight_naive(*sepconv_factors(dense)), dense, rtol=1e-5, atol=1e-5)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    conv.weight.copy_(dense)
+    x = torch.randn(2, 6, 9, 9, generator=g)
+    torch.testing.assert_close(SepConv2d.from_conv(conv)(x), conv(x), rtol=1e-4, atol=1e-4)
+    rand = torch.randn(5, 6, 3, 3, generator=g)                            # not separable: the best rank-1 fit
+    err = (sepconv_weight_naive(*sepconv_factors(rand)) - rand).norm()
+    tail = torch.linalg.svdvals(rand.permute(1, 0, 2, 3).reshape(6, 5, 9))[:, 1:]   # Eckart-Young: the rest
+    torch.testing.assert_close(err, tail.square().sum().sqrt(), rtol=1e-4, atol=1e-5)
+    vae = tiny_pipeline().vae
+    before = sum(p.numel() for p in vae.parameters())
+    assert replace_with_sepconv(vae) > 0 and sum(p.numel() for p in vae.parameters()) < before
+    assert vae(torch.rand(1, 3, 16, 16)).sample.shape == (1, 3, 16, 16)
