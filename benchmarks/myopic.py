@@ -6,8 +6,8 @@
 speed: training steps (forward + backward) of the real SmolLM2-135M at batch 1 x 512, the three
 attention implementations interleaved round-robin in one process; median seconds, ratio to eager,
 bytes the autograd graph holds for backward (graph walk, deduplicated by storage) and, on CUDA, peak
-memory. synthetic: ``hf-ext myopic synthetic`` at a CPU budget
-(1000 steps of 128 sequences by default; the paper trained ~30M sequences). gap: ``hf-ext myopic gap`` (SmolLM2,
+memory. synthetic: ``hf-ext myopic synthetic`` with SyntheticConfig's CPU recipe (frequency curriculum;
+the paper trained ~100M sequences at the fixed frequency). gap: ``hf-ext myopic gap`` (SmolLM2,
 python-docs train/eval) at a CPU budget, myopic and local-myopic (w = 16).
 """
 from __future__ import annotations
@@ -35,9 +35,11 @@ NOTES = {
                  "attention vs the untied-parameters reference (ops.myopic_grads_naive).",
     "speed": "SmolLM2-135M, batch 1 x 512, fp32, one training step = forward + backward; median of the timed "
              "rounds (implementations interleaved). The official code needs two forward passes (about 2x).",
-    "synthetic": "CPU budget (see steps, batch). y_n = z_n * sum_{i=1..10} sin(10 x_{n-i}) + (1 - z_n) x_n; "
-                 "normalized loss = Huber / p on held-out sequences; probe R^2 of sin(10 x_n) from the hidden "
-                 "state at n (held-out fit).",
+    "synthetic": "CPU budget (see steps, batch_size; the training frequency ramps 1 -> 10 over the first "
+                 "`curriculum` of the steps, evaluation is at 10). "
+                 "y_n = z_n * sum_{i=1..10} sin(10 x_{n-i}) + (1 - z_n) x_n; normalized loss = Huber / p on "
+                 "held-out sequences; probe R^2 of sin(10 x_n) from the hidden state at n (held-out fit). "
+                 "train_seconds: wall time on a shared machine, not a speed comparison.",
     "gap": "CPU budget: SmolLM2-135M fine-tuned for `steps` steps of 2 x 256 tokens (lr 3e-5) on "
            "python-docs:train; NLL (nats/token) on the first 8192 tokens of python-docs:eval; vanilla, myopic "
            "and local-myopic copies share data, order, schedule and seed.",
@@ -101,14 +103,15 @@ def exactness() -> list[dict]:
     return rows
 
 
-def synthetic(steps: int, batch: int) -> list[dict]:
+def synthetic(steps: int | None, batch: int | None) -> list[dict]:
     from hf_ext.myopic.synthetic import SyntheticConfig, run_synthetic
 
-    r = run_synthetic(SyntheticConfig(steps=steps, batch_size=batch))
+    given = {"steps": steps, "batch_size": batch}
+    r = run_synthetic(SyntheticConfig(**{k: v for k, v in given.items() if v is not None}))
     rows = [{"model": "trivial (no past)", "normalized_loss": r["trivial_normalized_loss"]}]
     rows += [{"model": n, **r[n]} for n in ("vanilla", "myopic")]
     for row in rows:
-        row.update(p=r["config"]["p"], steps=r["config"]["steps"], batch=r["config"]["batch_size"])
+        row.update({k: r["config"][k] for k in ("p", "steps", "batch_size", "seq_len", "lr", "curriculum")})
         print(row, flush=True)
     return rows
 
@@ -131,8 +134,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="*", default=["exactness", "speed", "synthetic", "gap"])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--synthetic-steps", type=int, default=1000)
-    ap.add_argument("--synthetic-batch", type=int, default=128)
+    ap.add_argument("--synthetic-steps", type=int, help="default: SyntheticConfig's")
+    ap.add_argument("--synthetic-batch", type=int, help="default: SyntheticConfig's")
     ap.add_argument("--gap-steps", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/myopic.json")
     args = ap.parse_args()
