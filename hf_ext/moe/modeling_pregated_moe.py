@@ -80,14 +80,26 @@ class PreGatingRouter(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.num_experts)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) expert logits. With ``attention_mask`` (B, T) (left padding in batched
+        generation), pads are invisible and positions count real tokens, so routing matches each sequence
+        alone."""
+        B, T = input_ids.shape
         if T > self.pos.num_embeddings:
             raise ValueError(f"the router reads at most {self.pos.num_embeddings} tokens; got {T}")
-        h = self.embed(input_ids) + self.pos(torch.arange(T, device=input_ids.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(T, device=input_ids.device, dtype=h.dtype)
+        dev = input_ids.device
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=dev)                  # (T, T)
+        if attention_mask is None or bool(attention_mask.all()):
+            pos, mask = torch.arange(T, device=dev), causal
+        else:
+            real = attention_mask.bool()
+            pos = (real.long().cumsum(-1) - 1).clamp(min=0)                                    # (B, T)
+            seen = real[:, None, :] | torch.eye(T, dtype=torch.bool, device=dev)              # a pad sees itself
+            mask = causal.masked_fill(~seen, float("-inf"))                                   # (B, T, T)
+            mask = mask.repeat_interleave(self.layers[0].self_attn.num_heads, 0)               # (B*heads, T, T)
+        h = self.embed(input_ids) + self.pos(pos)
         for layer in self.layers:
-            h = layer(h, src_mask=mask, is_causal=True)
+            h = layer(h, src_mask=mask.to(h.dtype), is_causal=mask is causal)
         return self.head(self.norm(h))
 
 
@@ -136,9 +148,9 @@ class PreGatedMoEForCausalLM(PreGatedMoEPreTrainedModel, GenerationMixin):
         self.post_init()
 
     @torch.no_grad()
-    def route(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The expert (B, T) of every token, from token ids alone."""
-        return self.router(input_ids).argmax(-1)
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert (B, T) of every token, from token ids alone (and the padding mask, if any)."""
+        return self.router(input_ids, attention_mask).argmax(-1)
 
     def set_expert_ids(self, expert_ids: torch.Tensor) -> None:
         for layer in self.model.layers:
@@ -152,7 +164,8 @@ class PreGatedMoEForCausalLM(PreGatedMoEPreTrainedModel, GenerationMixin):
             if ids is None:
                 raise ValueError("the pre-gating router reads token ids: pass input_ids (or expert_ids)")
             n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            expert_ids = self.router(ids).argmax(-1)[:, -n:]
+            mask = attention_mask if attention_mask is not None and attention_mask.shape == ids.shape else None
+            expert_ids = self.router(ids, mask).argmax(-1)[:, -n:]
         self.set_expert_ids(expert_ids)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,

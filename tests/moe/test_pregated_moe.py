@@ -155,3 +155,20 @@ def test_expert_finetuning_moves_the_moe_toward_the_dense_model():
     log = finetune_experts(moe, dense, batches, epochs=10, lr=3e-3, progress=False)
     assert kl() < 0.5 * before, (before, kl(), log["loss_curve"][-1])
     assert all(torch.equal(a, b) for a, b in zip(router_before, moe.router.parameters()))   # only experts trained
+
+
+@torch.no_grad()
+def test_left_padded_batches_route_like_each_sequence_alone():
+    _, moe = _moe(top_p=0.5)
+    with torch.no_grad():
+        for p in moe.router.parameters():
+            p.normal_(0, 0.5)                                     # a router with opinions
+    g = torch.Generator().manual_seed(3)
+    short, long = torch.randint(1, 128, (1, 5), generator=g), torch.randint(1, 128, (1, 9), generator=g)
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])       # left padding
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    routed = moe.route(ids, mask)
+    assert torch.equal(routed[0, 4:], moe.route(short)[0]) and torch.equal(routed[1], moe.route(long)[0])
+    assert not torch.equal(moe.route(ids)[0, 4:], moe.route(short)[0])   # without the mask, pads shift it
+    out = moe(ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits[0, 4:], moe(short).logits[0], atol=1e-4, rtol=1e-4)
