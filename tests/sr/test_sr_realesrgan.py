@@ -119,3 +119,18 @@ def test_real_esrgan_weights_load_and_upscale_a_real_photo(name, cls, params):
         sr = model(lr).clamp(0, 1)
     mse = float(((sr - hr)[..., 4:-4, 4:-4] ** 2).mean())
     assert 10 * np.log10(1 / mse) > 20                      # a clean upscale of this photo, not noise (~10 dB)
+
+
+def test_photo_split_and_eval_degradation():
+    from hf_ext.sr.data import PHOTOS, bicubic_degrade, load_rgb, sr_photos, y_channel
+
+    train, ev = sr_photos("train"), sr_photos("eval")
+    assert ev and train and not {p.stem for p in train} & {p.stem for p in ev}
+    assert {p.stem for p in train + ev} <= set(PHOTOS)
+    hr = load_rgb(ev[0], crop=100)
+    assert hr.shape[1] == 3 and hr.shape[2] <= 100 and hr.shape[2] % 4 == hr.shape[3] % 4 == 0
+    lr = bicubic_degrade(hr, 4)
+    assert lr.shape[-2:] == (hr.shape[2] // 4, hr.shape[3] // 4) and torch.equal(lr, (lr * 255).round() / 255)
+    assert torch.allclose(y_channel(torch.ones(1, 3, 1, 1)), torch.tensor(235 / 255))
+    with pytest.raises(ValueError, match="split"):
+        sr_photos("test")
