@@ -134,3 +134,15 @@ def test_photo_split_and_eval_degradation():
     assert torch.allclose(y_channel(torch.ones(1, 3, 1, 1)), torch.tensor(235 / 255))
     with pytest.raises(ValueError, match="split"):
         sr_photos("test")
+
+
+def test_realistic_degradation_is_reproducible_and_keeps_flat_images_flat():
+    from hf_ext.sr.data import realistic_degrade
+
+    hr = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    a = realistic_degrade(hr, 4, torch.Generator().manual_seed(1))
+    assert a.shape == (2, 3, 16, 12) and 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, realistic_degrade(hr, 4, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, realistic_degrade(hr, 4, torch.Generator().manual_seed(2)))
+    flat = realistic_degrade(torch.full((1, 3, 64, 64), 0.4), 2, torch.Generator().manual_seed(3), noise=False)
+    assert float((flat - 0.4).abs().max()) <= 2 / 255                   # blur, resize, JPEG keep a flat image flat
