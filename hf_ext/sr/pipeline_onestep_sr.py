@@ -22,7 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from .modeling_onestep_sr import OneStepSRTransformer2DModel
 from .ops import adain_color_fix, wavelet_color_fix
-from .tiling import tiled_upscale
+from .tiling import progress_enabled, tiled_upscale
 
 COLOR_FIXES = {"wavelet": wavelet_color_fix, "adain": adain_color_fix, None: None}
 
@@ -74,7 +74,7 @@ class OneStepSRPipeline(DiffusionPipeline):
             raise ValueError(f"upscale={upscale}; give a whole factor >= 1")
         lr = self.image_processor.preprocess(image).to(self.device, self.vae.dtype)      # (B, 3, h, w), [-1, 1]
         sr = tiled_upscale(lambda t: self.upscale_tile(t, upscale), lr, upscale, tile, tile_overlap,
-                           progress=not getattr(self, "_progress_bar_config", {}).get("disable", False))
+                           progress=progress_enabled(self))
         if color_fix is not None:
             ref = F.interpolate(lr, scale_factor=upscale, mode="bicubic", align_corners=False)
             sr = COLOR_FIXES[color_fix](sr, ref)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
-from .tiling import tiled_upscale
+from .tiling import progress_enabled, tiled_upscale
 
 
 class RealESRGANPipeline(DiffusionPipeline):
@@ -40,7 +40,7 @@ class RealESRGANPipeline(DiffusionPipeline):
         """
         scale = self.upscaler.config.scale
         x = self.image_processor.preprocess(image).to(self.device, self.upscaler.dtype)   # (B, 3, H, W) in [0, 1]
-        y = tiled_upscale(self.upscaler, x, scale, tile, tile_overlap, progress=self._progress_enabled())
+        y = tiled_upscale(self.upscaler, x, scale, tile, tile_overlap, progress=progress_enabled(self))
         if outscale is not None and outscale != scale:
             if outscale <= 0:
                 raise ValueError(f"outscale={outscale}; give a positive scale")
@@ -48,6 +48,3 @@ class RealESRGANPipeline(DiffusionPipeline):
             y = F.interpolate(y, size=size, mode="bicubic", align_corners=False, antialias=True)
         images = self.image_processor.postprocess(y.clamp(0, 1).float(), output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-    def _progress_enabled(self) -> bool:
-        return not getattr(self, "_progress_bar_config", {}).get("disable", False)

@@ -150,10 +150,7 @@ def from_ncnn(param_path: str | os.PathLike, bin_path: str | os.PathLike) -> RRD
 def upscaler_folder(name: str):
     """The diffusers model folder of zoo upscaler ``name``: converted once from the wheel's ncnn files into
     ``$HF_EXT_CACHE/<name>`` (atomically), then reused."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+    from ..hub import save_converted
     from ..zoo import MODELS, _package_dir, cache_dir
 
     m = MODELS.get(name)
@@ -163,15 +160,7 @@ def upscaler_folder(name: str):
     out = cache_dir() / name
     if not (out / "config.json").is_file():
         src = _package_dir(m) / m.relpath
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-        try:
-            from_ncnn(f"{src}.param", f"{src}.bin").save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        save_converted(from_ncnn(f"{src}.param", f"{src}.bin"), out, overwrite=True)
     return out
 
 

@@ -63,3 +63,8 @@ def tiled_upscale(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
         out[..., s * top:s * (top + th), s * left:s * (left + tw)] += y * w
         weight[..., s * top:s * (top + th), s * left:s * (left + tw)] += w
     return out / weight
+
+
+def progress_enabled(pipe) -> bool:
+    """Whether a diffusers pipeline's progress bars are on (``set_progress_bar_config(disable=...)``)."""
+    return not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
