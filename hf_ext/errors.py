@@ -23,3 +23,7 @@ class BadTextError(HfExtError, ValueError):
 
 class HubPushError(HfExtError, RuntimeError):
     pass
+
+
+class BadConfigError(HfExtError, ValueError):
+    """Settings that cannot be met (checked before any slow work)."""

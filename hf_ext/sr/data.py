@@ -103,3 +103,65 @@ def realistic_degrade(hr: torch.Tensor, scale: int, generator: torch.Generator, 
         x = _jpeg(x, u(30, 95))
     lr = F.interpolate(x, size=(H // scale, W // scale), mode="bicubic", align_corners=False)
     return (lr.clamp(0, 1) * 255).round() / 255
+
+
+def random_crops(photos: list[torch.Tensor], n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 3, size, size) random crops in [0, 1] of (1, 3, H, W) ``photos``, at a random zoom in [0.5, 1] (antialiased
+    downscale first), with random flips and 90-degree turns: the SR training augmentation."""
+    def u(lo, hi):
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    out = []
+    for _ in range(n):
+        p = photos[int(torch.randint(len(photos), (), generator=generator))]
+        z = max(u(0.5, 1.0), size / min(p.shape[-2:]))
+        if z < 1:
+            p = F.interpolate(p, scale_factor=z, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+        i = int(torch.randint(p.shape[-2] - size + 1, (), generator=generator))
+        j = int(torch.randint(p.shape[-1] - size + 1, (), generator=generator))
+        c = p[0, :, i:i + size, j:j + size]
+        if u(0, 1) < 0.5:
+            c = c.flip(-1)
+        out.append(torch.rot90(c, int(torch.randint(4, (), generator=generator)), (-2, -1)))
+    return torch.stack(out)
+
+
+def sr_batches(split: str, size: int, batch: int, scales: tuple[int, ...], seed: int = 0, degrade: str = "realistic"):
+    """Endless (lr_up, hr, scale) batches for training: HR crops (B, 3, size, size) of ``split``'s photos, their LR
+    made by ``realistic_degrade`` (or ``bicubic_degrade``) at a random scale from ``scales`` and bicubic-upsampled
+    back to ``size``; both in [-1, 1], as the pipelines take them."""
+    if degrade not in ("realistic", "bicubic"):
+        raise ValueError(f"degrade={degrade!r}: use 'realistic' or 'bicubic'")
+    if any(size % s for s in scales):
+        raise ValueError(f"crop size {size} is not a multiple of every scale in {scales}")
+    g = torch.Generator().manual_seed(seed)
+    photos = [load_rgb(p) for p in sr_photos(split)]
+    while True:
+        hr = random_crops(photos, batch, size, g)
+        s = scales[int(torch.randint(len(scales), (), generator=g))]
+        lr = realistic_degrade(hr, s, g) if degrade == "realistic" else bicubic_degrade(hr, s)
+        up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False).clamp(0, 1)
+        yield up * 2 - 1, hr * 2 - 1, s
+
+
+def psnr_ssim_y(sr: torch.Tensor, hr: torch.Tensor, border: int) -> tuple[float, float]:
+    """PSNR (dB) and SSIM of (1, 3, H, W) images in [0, 1] on the Y channel, ``border`` pixels left out (the SR
+    convention; SSIM from torchmetrics)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    b = max(border, 0)
+    crop = (..., slice(b, sr.shape[-2] - b), slice(b, sr.shape[-1] - b))
+    x, y = (y_channel(t.clamp(0, 1))[crop].double() for t in (sr, hr))
+    return float(10 * torch.log10(1 / ((x - y) ** 2).mean())), float(ssim(x, y, data_range=1.0))
+
+
+@torch.no_grad()
+def eval_psnr(pipe, scale: int, crop: int = 256, **call) -> float:
+    """Mean Y-PSNR of ``pipe`` (any of the SR pipelines, output_type "pt") over the eval photos, LR made by
+    ``bicubic_degrade``; ``call`` goes to the pipeline call."""
+    vals = []
+    for path in sr_photos("eval"):
+        hr = load_rgb(path, crop)
+        sr = pipe(bicubic_degrade(hr, scale), output_type="pt", **call).images
+        vals.append(psnr_ssim_y(sr, hr, scale)[0])
+    return sum(vals) / len(vals)

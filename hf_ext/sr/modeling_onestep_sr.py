@@ -1,7 +1,8 @@
 """One-step SR transformer (TSD-SR / TinySR style): SD3 joint blocks map an LR latent to a velocity.
 
-TinySR (2025) compresses TSD-SR, a one-step SR model distilled from SD3: the bicubic-upsampled LR image's
-latent z_lr is treated as the noisy latent of one fixed timestep, and z_hr = z_lr - sigma * v(z_lr). This
+TinySR (https://arxiv.org/abs/2508.17434) compresses TSD-SR (https://arxiv.org/abs/2411.18263), a one-step
+SR model distilled from SD3: the bicubic-upsampled LR image's latent z_lr is treated as the noisy latent of
+one fixed timestep, and z_hr = z_lr - sigma * v(z_lr). This
 module is that transformer, self-contained: its fixed "prompt" (``prompt_embeds``, ``pooled_projections``,
 learned, since no text encoder is needed at inference) and ``timestep`` are part of it.
 
@@ -50,7 +51,8 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
     def __init__(self, in_channels: int = 4, patch_size: int = 1, num_layers: int = 4, num_attention_heads: int = 4,
                  attention_head_dim: int = 32, joint_attention_dim: int = 64, pooled_projection_dim: int = 64,
                  prompt_length: int = 4, pos_embed_max_size: int = 64, timestep: float = 999.0,
-                 precached: bool = False, context_pre_only_last: bool = True):
+                 precached: bool = False, context_pre_only_last: bool = True,
+                 trained_upscales: tuple[int, ...] | None = None):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         self.pos_embed = PatchEmbed(pos_embed_max_size, pos_embed_max_size, patch_size, in_channels, dim,
@@ -111,9 +113,7 @@ def precache(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
     if model.config.precached:
         return copy.deepcopy(model)
     temb, ctx, mod = model.conditioning(1)
-    out = OneStepSRTransformer2DModel.from_config(model.config, precached=True).to(model.device)
-    if out.dtype != model.dtype:
-        out = out.to(dtype=model.dtype)
+    out = _from_config(model, precached=True)
     cached = {"temb": temb, "context": ctx, "out_modulation": mod}
     for i, block in enumerate(model.transformer_blocks):
         for name in ("norm1", "norm1_context"):
@@ -129,8 +129,24 @@ def keep_blocks(model: OneStepSRTransformer2DModel, keep: list[int]) -> OneStepS
     n = model.config.num_layers
     if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
         raise ValueError(f"keep={keep}: give increasing block indices in [0, {n})")
-    out = copy.deepcopy(model)
-    out.transformer_blocks = nn.ModuleList(out.transformer_blocks[i] for i in keep)
-    out.block_mask = model.block_mask[keep].clone()
-    out.register_to_config(num_layers=len(keep), context_pre_only_last=n - 1 in keep)
-    return out
+    out = _from_config(model, num_layers=len(keep), context_pre_only_last=model.config.context_pre_only_last and n - 1 in keep)
+    renumber = {f"transformer_blocks.{i}.": f"transformer_blocks.{j}." for j, i in enumerate(keep)}
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("transformer_blocks."):
+            prefix = ".".join(k.split(".")[:2]) + "."
+            if prefix not in renumber:
+                continue
+            k = renumber[prefix] + k[len(prefix):]
+        state[k] = v
+    state["block_mask"] = model.block_mask[keep].clone()
+    out.load_state_dict(state)
+    return out.train(model.training)
+
+
+def _from_config(model: OneStepSRTransformer2DModel, **changes) -> OneStepSRTransformer2DModel:
+    """A fresh model of ``model``'s config with ``changes``, on its device and in its dtype. (The config is passed
+    without diffusers' private keys, so values set by ``register_to_config`` after init are kept.)"""
+    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    out = OneStepSRTransformer2DModel.from_config({**cfg, **changes}).to(model.device)
+    return out if out.dtype == model.dtype else out.to(dtype=model.dtype)

@@ -13,7 +13,10 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +25,27 @@ from diffusers.image_processor import VaeImageProcessor
 
 from .modeling_onestep_sr import OneStepSRTransformer2DModel
 from .ops import adain_color_fix, wavelet_color_fix
-from .tiling import progress_enabled, tiled_upscale
+from .tiling import open_images, progress_enabled, tiled_upscale
 
 COLOR_FIXES = {"wavelet": wavelet_color_fix, "adain": adain_color_fix, None: None}
+HERE = Path(__file__).parent
+
+
+def add_remote_code(folder: str | Path) -> None:
+    """Make a saved pipeline folder load where hf-ext is not installed: copy this file and the files it imports
+    beside ``model_index.json`` and each custom component's modeling file into its folder, and name them there
+    (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``)."""
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("pipeline_onestep_sr.py", "modeling_onestep_sr.py", "modeling_sepconv_vae.py", "ops.py", "tiling.py"):
+        shutil.copyfile(HERE / name, folder / name)
+    index["_class_name"] = ["pipeline_onestep_sr", "OneStepSRPipeline"]
+    for component, entry in index.items():
+        if isinstance(entry, list) and entry[0].startswith("hf_ext."):
+            module = entry[0].rsplit(".", 1)[1]
+            shutil.copyfile(HERE / f"{module}.py", folder / component / f"{module}.py")
+            index[component] = [module, entry[1]]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 class OneStepSRPipeline(DiffusionPipeline):
@@ -37,6 +58,39 @@ class OneStepSRPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, transformer=transformer)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)   # [-1, 1] tensors
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, torch_dtype=None, **components):
+        """Load a saved pipeline (a folder or a Hub repo) with hf-ext's own classes. The folder also carries
+        remote code, for ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` without hf-ext;
+        diffusers' loader would insist on that code, so this one reads ``model_index.json`` itself. Components
+        passed as keywords (``vae=...``, ``transformer=...``) are used as given."""
+        from diffusers import AutoencoderKL
+
+        from .modeling_sepconv_vae import SepConvAutoencoderKL
+
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder} has no model_index.json: point at a saved OneStepSRPipeline folder")
+        index = json.loads((folder / "model_index.json").read_text())
+        classes = {c.__name__: c for c in (AutoencoderKL, SepConvAutoencoderKL, OneStepSRTransformer2DModel)}
+        for name in ("vae", "transformer"):
+            if components.get(name) is None:
+                klass = classes.get(index.get(name, [None, None])[1])
+                if klass is None:
+                    raise ValueError(f"{folder}/model_index.json names {index.get(name)} for '{name}'; this "
+                                     f"pipeline loads {sorted(classes)}")
+                components[name] = klass.from_pretrained(folder / name, torch_dtype=torch_dtype or torch.float32)
+        return cls(**components)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """``DiffusionPipeline.save_pretrained``, plus the code to load it without hf-ext (``add_remote_code``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_remote_code(save_directory)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scaled latent (B, C, H/f, W/f)."""
@@ -63,17 +117,30 @@ class OneStepSRPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, image, upscale: int = 4, tile: int = 64, tile_overlap: int = 8,
                  color_fix: str | None = "wavelet", output_type: str = "pil", return_dict: bool = True):
-        """Super-resolve ``image`` (PIL, numpy HWC in [0, 1], tensor BCHW in [0, 1], or a list) by ``upscale``.
+        """Super-resolve ``image`` (a file path, PIL, numpy HWC in [0, 1], tensor BCHW in [0, 1], or a list) by
+        ``upscale``, one of the transformer's ``trained_upscales``.
 
-        ``tile`` and ``tile_overlap`` are in LR pixels and bound the memory; ``color_fix`` takes colours
+        ``tile`` and ``tile_overlap`` are in LR pixels and bound the memory (a tile is capped at what the
+        transformer's positional embedding covers); ``color_fix`` takes colours
         from the bicubic upsampled input (``"wavelet"``, ``"adain"`` or None).
         """
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix={color_fix!r}; use one of {list(COLOR_FIXES)}")
         if int(upscale) != upscale or upscale < 1:
             raise ValueError(f"upscale={upscale}; give a whole factor >= 1")
-        lr = self.image_processor.preprocess(image).to(self.device, self.vae.dtype)      # (B, 3, h, w), [-1, 1]
-        sr = tiled_upscale(lambda t: self.upscale_tile(t, upscale), lr, upscale, tile, tile_overlap,
+        trained = self.transformer.config.trained_upscales
+        if trained and upscale not in trained:
+            raise ValueError(f"upscale={upscale}: this model was trained for x{' and x'.join(map(str, trained))} "
+                             "only; pick one of those (or resize the output)")
+        lr = self.image_processor.preprocess(open_images(image)).to(self.device, self.vae.dtype)   # (B, 3, h, w)
+        patch = self.vae_scale_factor * self.transformer.config.patch_size             # pixels per latent patch
+        if upscale * min(lr.shape[-2:]) < patch:
+            raise ValueError(f"image of {lr.shape[-1]}x{lr.shape[-2]} px is smaller than one latent patch at "
+                             f"x{upscale} ({patch} output px per side); give at least "
+                             f"{-(-patch // upscale)} px per side")
+        reach = self.transformer.config.pos_embed_max_size * patch // upscale      # LR px the pos-embedding covers
+        tile = min(tile, reach)
+        sr = tiled_upscale(lambda t: self.upscale_tile(t, upscale), lr, upscale, tile, min(tile_overlap, tile // 4),
                            progress=progress_enabled(self))
         if color_fix is not None:
             ref = F.interpolate(lr, scale_factor=upscale, mode="bicubic", align_corners=False)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
-from .tiling import progress_enabled, tiled_upscale
+from .tiling import open_images, progress_enabled, tiled_upscale
 
 
 class RealESRGANPipeline(DiffusionPipeline):
@@ -39,7 +39,7 @@ class RealESRGANPipeline(DiffusionPipeline):
         generator sees at most ``tile`` x ``tile`` at a time, tiles overlap by ``tile_overlap``.
         """
         scale = self.upscaler.config.scale
-        x = self.image_processor.preprocess(image).to(self.device, self.upscaler.dtype)   # (B, 3, H, W) in [0, 1]
+        x = self.image_processor.preprocess(open_images(image)).to(self.device, self.upscaler.dtype)   # (B, 3, H, W)
         y = tiled_upscale(self.upscaler, x, scale, tile, tile_overlap, progress=progress_enabled(self))
         if outscale is not None and outscale != scale:
             if outscale <= 0:

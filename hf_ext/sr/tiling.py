@@ -68,3 +68,26 @@ def tiled_upscale(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, s
 def progress_enabled(pipe) -> bool:
     """Whether a diffusers pipeline's progress bars are on (``set_progress_bar_config(disable=...)``)."""
     return not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
+
+
+def open_images(image):
+    """Pipeline input: a path (str or Path) or a list of them becomes PIL RGB images; anything else is returned
+    as is. An empty or unreadable file is refused with its name."""
+    from pathlib import Path
+
+    if isinstance(image, (list, tuple)):
+        return [open_images(i) for i in image]
+    if not isinstance(image, (str, Path)):
+        return image
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): give a PNG, JPEG or other image file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}); give a PNG, JPEG or other image file") from None

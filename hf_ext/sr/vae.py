@@ -1,11 +1,13 @@
 """TinySR's VAE compression, as pure functions from a diffusers ``AutoencoderKL`` to a smaller one.
 
 - ``remove_attention``: drop the self-attention of the encoder's and decoder's mid blocks (the model's
-  only attention, and its cost grows with the square of the latent size). The result is an
-  ``AutoencoderKL`` with ``mid_block_add_attention=False``, so ``save_pretrained``/``from_pretrained`` work;
-  fine-tune it against the original to recover.
-- ``replace_with_sepconv``: every dense k x k conv becomes a depthwise-separable ``SepConv2d`` (k*k*in +
-  in*out weights instead of k*k*in*out), initialized as the closest factorization of the dense weight.
+  only attention, and its cost grows with the square of the latent size). The result has
+  ``mid_block_add_attention=False``, so ``save_pretrained``/``from_pretrained`` work.
+- ``to_sepconv_vae``: every dense k x k conv becomes a depthwise-separable ``SepConv2d`` (k*k*in + in*out
+  weights instead of k*k*in*out), initialized as the closest factorization of the dense weight; the result
+  is a loadable ``SepConvAutoencoderKL``. ``replace_with_sepconv`` does the same in place on any module.
+- Channel pruning by importance is ``vae_pruning.prune_vae_channels``.
+Each is approximate (except where noted in the tests), so distil or fine-tune afterwards.
 
 Example:
     >>> from diffusers import AutoencoderKL
@@ -13,64 +15,78 @@ Example:
     ...                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
     >>> remove_attention(vae).config.mid_block_add_attention
     False
+    >>> type(to_sepconv_vae(vae).decoder.conv_out).__name__
+    'SepConv2d'
 """
 from __future__ import annotations
 
 import torch
 
+from .modeling_sepconv_vae import SepConv2d, SepConvAutoencoderKL, sepconv_targets
+from .ops import sepconv_factors
+
+
+def _check_vae(vae, what: str) -> None:
+    from diffusers import AutoencoderKL
+
+    if not isinstance(vae, AutoencoderKL):
+        raise TypeError(f"{what} takes a diffusers AutoencoderKL, not {type(vae).__name__}")
+
+
+def _rebuilt(vae, cls=None, **config):
+    """A ``cls`` (default: ``vae``'s class) built from ``vae``'s config with ``config`` changed, holding every
+    weight of ``vae`` that it has (it must need no other)."""
+    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    out = (cls or type(vae)).from_config({**cfg, **config}).to(vae.device)
+    state = out.state_dict()
+    missing = out.load_state_dict({k: v for k, v in vae.state_dict().items() if k in state}, strict=False).missing_keys
+    if missing:
+        raise RuntimeError(f"weights the new VAE needs but the original lacks: {missing}")
+    return same_dtype(out, vae).train(vae.training)
+
+
+def same_dtype(module, like):
+    """``module`` in ``like``'s dtype (cast only when they differ; diffusers warns on every cast)."""
+    return module if module.dtype == like.dtype else module.to(dtype=like.dtype)
+
 
 @torch.no_grad()
 def remove_attention(vae):
     """A copy of ``vae`` without mid-block attention; every other weight is kept."""
-    from diffusers import AutoencoderKL
-
-    if not isinstance(vae, AutoencoderKL):
-        raise TypeError(f"remove_attention takes a diffusers AutoencoderKL, not {type(vae).__name__}")
-    out = AutoencoderKL.from_config(vae.config, mid_block_add_attention=False).to(vae.device, vae.dtype)
-    state = out.state_dict()
-    missing = out.load_state_dict({k: v for k, v in vae.state_dict().items() if k in state}, strict=False).missing_keys
-    if missing:
-        raise RuntimeError(f"weights the attention-free VAE needs but the original lacks: {missing}")
-    return out.train(vae.training)
+    _check_vae(vae, "remove_attention")
+    return _rebuilt(vae, mid_block_add_attention=False)
 
 
-class SepConv2d(torch.nn.Module):
-    """Depthwise k x k (one filter per input channel) then pointwise 1 x 1: TinySR's lightweight conv."""
-
-    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int = 1, padding: int = 0, bias: bool = True):
-        super().__init__()
-        self.depthwise = torch.nn.Conv2d(cin, cin, kernel_size, stride, padding, groups=cin, bias=False)
-        self.pointwise = torch.nn.Conv2d(cin, cout, 1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))
-
-    @classmethod
-    @torch.no_grad()
-    def from_conv(cls, conv: torch.nn.Conv2d) -> "SepConv2d":
-        """The SepConv closest to ``conv`` (per-input-channel rank-1 SVD, ``ops.sepconv_factors``)."""
-        from .ops import sepconv_factors
-
-        if conv.groups != 1 or conv.dilation != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1] \
-                or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"SepConv replaces square, ungrouped, undilated, zero-padded convs; got {conv}")
-        sep = cls(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
-                  bias=conv.bias is not None).to(conv.weight)
-        sep.depthwise.weight.copy_(sepconv_factors(conv.weight)[0])
-        sep.pointwise.weight.copy_(sepconv_factors(conv.weight)[1])
-        if conv.bias is not None:
-            sep.pointwise.bias.copy_(conv.bias)
-        return sep
+@torch.no_grad()
+def sepconv_from_conv(conv: torch.nn.Conv2d) -> SepConv2d:
+    """The SepConv closest to ``conv`` (per-input-channel rank-1 SVD, ``ops.sepconv_factors``)."""
+    sep = SepConv2d.like(conv)
+    depthwise, pointwise = sepconv_factors(conv.weight)
+    sep.depthwise.weight.copy_(depthwise)
+    sep.pointwise.weight.copy_(pointwise)
+    if conv.bias is not None:
+        sep.pointwise.bias.copy_(conv.bias)
+    return sep
 
 
 def replace_with_sepconv(module: torch.nn.Module, min_kernel: int = 3) -> int:
     """Swap every square ungrouped ``Conv2d`` with kernel >= ``min_kernel`` in ``module`` for its closest
-    ``SepConv2d``, in place; returns how many. Fine-tune afterwards (the factorization is approximate)."""
-    n = 0
-    for name, child in list(module.named_children()):
-        if isinstance(child, torch.nn.Conv2d) and child.groups == 1 and child.kernel_size[0] >= min_kernel:
-            setattr(module, name, SepConv2d.from_conv(child))
-            n += 1
-        else:
-            n += replace_with_sepconv(child, min_kernel)
-    return n
+    ``SepConv2d``, in place; returns how many."""
+    targets = sepconv_targets(module, min_kernel)
+    for parent, name, conv in targets:
+        setattr(parent, name, sepconv_from_conv(conv))
+    return len(targets)
+
+
+@torch.no_grad()
+def to_sepconv_vae(vae, min_kernel: int = 3) -> SepConvAutoencoderKL:
+    """A ``SepConvAutoencoderKL`` whose SepConvs are the closest factorizations of ``vae``'s k x k convs."""
+    _check_vae(vae, "to_sepconv_vae")
+    if isinstance(vae, SepConvAutoencoderKL):
+        raise ValueError("this VAE is already a SepConvAutoencoderKL")
+    dense = _rebuilt(vae, type(vae))                                   # a copy, so ``vae`` stays untouched
+    replace_with_sepconv(dense, min_kernel)
+    cfg = {k: v for k, v in dense.config.items() if not k.startswith("_")}
+    out = SepConvAutoencoderKL.from_config({**cfg, "sepconv_min_kernel": min_kernel}).to(vae.device)
+    out.load_state_dict(dense.state_dict())
+    return same_dtype(out, vae).train(vae.training)

@@ -49,6 +49,7 @@ def test_depth_masks_equal_a_model_with_fewer_blocks(tmp_path):
         mask = torch.tensor([float(i in keep) for i in range(4)])
         small = keep_blocks(model, keep)
         assert small.config.num_layers == len(keep) and torch.equal(small(x), model(x, block_mask=mask))
+        assert torch.equal(precache(small)(x), small(x))          # also when the last block is gone
     small.save_pretrained(tmp_path)
     assert torch.equal(OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval()(x), small(x))
     with pytest.raises(ValueError, match="increasing block indices"):
@@ -112,7 +113,7 @@ def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path
 @torch.no_grad()
 def test_sepconv_factorization_is_exact_for_separable_weights_and_shrinks_the_vae():
     from hf_ext.sr.ops import sepconv_factors, sepconv_weight_naive
-    from hf_ext.sr.vae import SepConv2d, replace_with_sepconv
+    from hf_ext.sr.vae import replace_with_sepconv, sepconv_from_conv
 
     g = torch.Generator().manual_seed(0)
     dw, pw = torch.randn(6, 1, 3, 3, generator=g), torch.randn(5, 6, 1, 1, generator=g)
@@ -121,7 +122,7 @@ def test_sepconv_factorization_is_exact_for_separable_weights_and_shrinks_the_va
     conv = torch.nn.Conv2d(6, 5, 3, padding=1)
     conv.weight.copy_(dense)
     x = torch.randn(2, 6, 9, 9, generator=g)
-    torch.testing.assert_close(SepConv2d.from_conv(conv)(x), conv(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sepconv_from_conv(conv)(x), conv(x), rtol=1e-4, atol=1e-4)
     rand = torch.randn(5, 6, 3, 3, generator=g)                            # not separable: the best rank-1 fit
     err = (sepconv_weight_naive(*sepconv_factors(rand)) - rand).norm()
     tail = torch.linalg.svdvals(rand.permute(1, 0, 2, 3).reshape(6, 5, 9))[:, 1:]   # Eckart-Young: the rest

@@ -1,0 +1,124 @@
+"""TinySR (https://arxiv.org/abs/2508.17434): compress a one-step SR teacher pipeline into a student.
+
+Steps, each a tested pure function or a training loop through accelerate:
+1. **Depth search** (``pruning.search_depth``): a copy of the teacher's transformer trains under sampled block
+   masks (Dynamic Inter-block Activation + Expansion-Corrosion) to reproduce the teacher's one-step latents;
+   the most likely mask names the ``keep_blocks`` blocks that survive.
+2. **Prune** (``prune_student``): ``keep_blocks`` makes the transformer really shorter; the VAE is channel-pruned
+   by importance to ``vae_width``, its attention removed and its k x k convs made SepConv. The latent space is
+   the teacher's, so the teacher's latents stay valid targets.
+3. **Distil** (``training.distill``): the student's one step learns the teacher's latents, its decoder the
+   teacher's images, on the train photos with the Real-ESRGAN-style degradation.
+4. **Pre-cache** (``precache``): the time and prompt embeddings and every AdaLN modulation become stored
+   buffers, and the modules that made them are dropped (bit-identical).
+
+Example:
+    >>> teacher = OneStepSRPipeline.from_pretrained("tests/fixtures/sr_teacher")               # doctest: +SKIP
+    >>> student, log = compress_tinysr(teacher, TinySRConfig(keep_blocks=4, vae_width=16))     # doctest: +SKIP
+    >>> student.save_pretrained("out/tinysr")                                                   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import BadConfigError
+from .data import sr_batches
+from .modeling_onestep_sr import keep_blocks, precache
+from .pipeline_onestep_sr import OneStepSRPipeline
+from .pruning import DepthSearchConfig, search_depth
+from .training import distill, latents
+from .vae import remove_attention, to_sepconv_vae
+from .vae_pruning import prune_vae_channels
+
+
+@dataclass
+class TinySRConfig:
+    keep_blocks: int                    # transformer blocks that survive
+    vae_width: int                      # first VAE block's width after channel pruning (others scale alike)
+    group_size: int = 4                 # depth search: blocks per group (each keeps keep_blocks / groups)
+    search_steps: int = 300
+    distill_steps: int = 600
+    batch_size: int = 8
+    crop: int = 128                     # HR training crop (pixels)
+    lr: float = 2e-4
+    sepconv: bool = True
+    seed: int = 0
+
+
+@torch.no_grad()
+def prune_student(teacher: OneStepSRPipeline, keep: list[int], vae_width: int, sepconv: bool = True) -> OneStepSRPipeline:
+    """The student before distillation: the transformer's blocks ``keep`` only, and the VAE channel-pruned to
+    ``vae_width``, without attention, with SepConv convs (``sepconv``). ``teacher`` is left untouched."""
+    vae = remove_attention(prune_vae_channels(teacher.vae, vae_width))
+    return OneStepSRPipeline(vae=to_sepconv_vae(vae) if sepconv else vae,
+                             transformer=keep_blocks(teacher.transformer, keep))
+
+
+def check_config(teacher, c: TinySRConfig) -> int:
+    """Per-group keep count; refuses (``BadConfigError``) settings that cannot be met, before any slow work."""
+    n = teacher.transformer.config.num_layers
+    if n % c.group_size:
+        raise BadConfigError(f"the teacher has {n} blocks, which groups of {c.group_size} do not divide; pass another group size")
+    groups = n // c.group_size
+    if not 1 <= c.keep_blocks <= n or c.keep_blocks % groups:
+        raise BadConfigError(f"keep_blocks={c.keep_blocks}: with {n} blocks in {groups} groups of {c.group_size}, keep a "
+                         f"multiple of {groups} between {groups} and {n}")
+    if teacher.transformer.config.precached:
+        raise BadConfigError("the teacher is already pre-cached; give the uncached teacher (its AdaLN layers train)")
+    try:
+        prune_vae_channels(teacher.vae, c.vae_width)
+    except ValueError as e:
+        raise BadConfigError(f"vae_width: {e}") from None
+    return c.keep_blocks // groups
+
+
+def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: bool = True):
+    """Search, prune, distil and pre-cache: returns (student pipeline, log)."""
+    c = config
+    per_group = check_config(teacher, c)
+    teacher.vae.requires_grad_(False).eval()
+    teacher.transformer.requires_grad_(False).eval()
+    scales = tuple(teacher.transformer.config.trained_upscales or (4,))
+    sigma = teacher.transformer.config.timestep / 1000
+    torch.manual_seed(c.seed)
+
+    def latent_pairs():                                              # (z_lr, the teacher's one-step latent)
+        for up, _, _ in sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed):
+            with torch.no_grad():                                    # (not around the yield: it would leak)
+                z = latents(teacher.vae, up.to(teacher.device))
+                target = z - sigma * teacher.transformer(z)
+            yield z, target
+
+    searched = copy.deepcopy(teacher.transformer).requires_grad_(True)
+    search = DepthSearchConfig(group_size=c.group_size, keep=per_group, steps=c.search_steps, lr=c.lr)
+    keep, gates, search_log = search_depth(_OneStep(searched, sigma), latent_pairs(), search, progress)
+    student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched), keep, c.vae_width, c.sepconv)
+    student.vae.requires_grad_(True)
+    student.transformer.requires_grad_(True)
+    distill_log = distill(student, teacher, sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1),
+                          c.distill_steps, lr=c.lr, progress=progress)
+    student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval())
+    return student, {"config": asdict(c), "keep": keep, "search_final_loss": search_log["final_loss"],
+                     "distill_final_loss": distill_log["final_loss"], "distill_loss_every_50": distill_log["loss_every_50"]}
+
+
+class _OneStep(torch.nn.Module):
+    """z -> z - sigma * v(z, mask): what the depth search fits to the teacher's one-step latents."""
+
+    def __init__(self, transformer, sigma: float):
+        super().__init__()
+        self.transformer, self.sigma = transformer, sigma
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def device(self):
+        return self.transformer.device
+
+    def forward(self, z, block_mask=None):
+        return z - self.sigma * self.transformer(z, block_mask=block_mask)

@@ -1,0 +1,150 @@
+"""TinySR compression: VAE channel pruning, the SepConv VAE class, remote-code loading, input errors, and the
+whole search -> prune -> distil -> pre-cache path on a tiny teacher (and through the CLI)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel
+from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
+from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.vae import remove_attention, to_sepconv_vae
+from hf_ext.sr.vae_pruning import channel_spaces, prune_vae_channels
+from test_sr_onestep import tiny_transformer
+
+
+def tiny_vae(width=16, groups=8):
+    torch.manual_seed(2)
+    return AutoencoderKL(block_out_channels=(width, 2 * width), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=groups,
+                         layers_per_block=1).eval()
+
+
+def tiny_teacher(scales=(2, 4)):
+    transformer = tiny_transformer(layers=4)
+    transformer.register_to_config(trained_upscales=scales)
+    pipe = OneStepSRPipeline(vae=tiny_vae(), transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_channel_pruning_is_exact_when_the_dropped_channels_carry_nothing():
+    vae = tiny_vae()
+    spaces = channel_spaces(vae)
+    covered = set(spaces.uses)
+    assert {n for n, _ in vae.named_parameters()} - covered == {      # only latent- and image-side tensors
+        "encoder.conv_out.bias", "decoder.conv_out.bias", "quant_conv.weight", "quant_conv.bias",
+        "post_quant_conv.weight", "post_quant_conv.bias"}
+    params = dict(vae.named_parameters())
+    for name, uses in spaces.uses.items():                            # kill every other group (or channel)
+        for dim, s in uses:
+            if dim == 0:
+                n, g = spaces.sizes[s], spaces.groups[s]
+                unit = torch.arange(n) // (n // g) if g else torch.arange(n)
+                params[name].index_fill_(0, torch.nonzero(unit % 2 == 1).flatten(), 0.0)
+    small = prune_vae_channels(vae, 8)
+    assert small.config.block_out_channels == (8, 16) and small.config.norm_num_groups == 4
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(small(x).sample, vae(x).sample, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in small.parameters()) < 0.3 * sum(p.numel() for p in vae.parameters())
+
+
+def test_channel_pruning_refuses_bad_widths_and_models():
+    with pytest.raises(ValueError, match="whole numbers"):
+        prune_vae_channels(tiny_vae(), 5)                              # 8 groups * 5/16 is not whole
+    with pytest.raises(ValueError, match="width=32"):
+        prune_vae_channels(tiny_vae(), 32)
+    with pytest.raises(TypeError, match="before converting to SepConv"):
+        prune_vae_channels(to_sepconv_vae(tiny_vae()), 8)
+
+
+@torch.no_grad()
+def test_sepconv_vae_keeps_shapes_and_round_trips(tmp_path):
+    dense = remove_attention(tiny_vae())
+    sep = to_sepconv_vae(dense)
+    assert isinstance(sep, SepConvAutoencoderKL) and sep.config.sepconv_min_kernel == 3
+    assert sum(p.numel() for p in sep.parameters()) < 0.4 * sum(p.numel() for p in dense.parameters())
+    x = torch.rand(1, 3, 24, 40) * 2 - 1
+    assert sep.encode(x).latent_dist.mode().shape == dense.encode(x).latent_dist.mode().shape == (1, 4, 12, 20)
+    assert sep(x).sample.shape == x.shape
+    sep.save_pretrained(tmp_path)
+    assert torch.equal(SepConvAutoencoderKL.from_pretrained(tmp_path)(x).sample, sep(x).sample)
+
+
+@torch.no_grad()
+def test_pipeline_round_trips_and_loads_without_hf_ext(tmp_path):
+    from helpers import run_without_hf_ext
+
+    pipe = OneStepSRPipeline(vae=to_sepconv_vae(tiny_vae()), transformer=tiny_transformer())
+    pipe.set_progress_bar_config(disable=True)
+    x = torch.rand(1, 3, 12, 12)
+    ref = pipe(x, upscale=2, output_type="pt").images
+    pipe.save_pretrained(tmp_path)
+    again = OneStepSRPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert type(again.vae) is SepConvAutoencoderKL
+    assert torch.equal(again(x, upscale=2, output_type="pt").images, ref)
+    torch.save(x, tmp_path / "x.pt")
+    got = run_without_hf_ext(f"""
+        import json, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        y = pipe(torch.load({str(tmp_path / 'x.pt')!r}), upscale=2, output_type="pt").images
+        print(json.dumps({{"cls": type(pipe).__name__, "vae": type(pipe.vae).__name__, "y": y.flatten().tolist()}}))
+    """)
+    assert got["cls"] == "OneStepSRPipeline" and got["vae"] == "SepConvAutoencoderKL"
+    assert torch.equal(torch.tensor(got["y"]), ref.flatten())
+
+
+def test_pipeline_refuses_bad_input(tmp_path):
+    pipe = tiny_teacher(scales=(4,))
+    with pytest.raises(ValueError, match=r"trained for x4 only"):
+        pipe(torch.rand(1, 3, 8, 8), upscale=2)
+    coarse = OneStepSRPipeline(vae=tiny_vae(), transformer=OneStepSRTransformer2DModel(
+        patch_size=4, num_layers=1, num_attention_heads=2, attention_head_dim=8))   # 2 x 4 = 8 px per patch
+    with pytest.raises(ValueError, match="smaller than one latent patch"):
+        coarse(torch.rand(1, 3, 1, 8), upscale=4)                   # 4 px high at x4 < 8
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        pipe(str(tmp_path / "empty.png"))
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable image"):
+        pipe(tmp_path / "notes.png")
+
+
+def test_compress_tinysr_end_to_end_on_a_tiny_teacher(tmp_path):
+    from hf_ext.sr.tinysr import TinySRConfig, compress_tinysr
+
+    teacher = tiny_teacher()
+    before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
+    with pytest.raises(ValueError, match="keep_blocks=3"):
+        compress_tinysr(teacher, TinySRConfig(keep_blocks=3, vae_width=8, group_size=2))
+    config = TinySRConfig(keep_blocks=2, vae_width=8, group_size=2, search_steps=3, distill_steps=2, batch_size=2, crop=32)
+    student, log = compress_tinysr(teacher, config, progress=False)
+    assert len(log["keep"]) == 2 and student.transformer.config.num_layers == 2
+    assert student.transformer.config.precached and type(student.vae) is SepConvAutoencoderKL
+    assert student.transformer.config.trained_upscales == (2, 4)
+    assert all(torch.equal(v, teacher.transformer.state_dict()[k]) for k, v in before.items())   # teacher untouched
+    n = lambda p: sum(x.numel() for m in (p.vae, p.transformer) for x in m.parameters())        # noqa: E731
+    assert n(student) < 0.5 * n(teacher)
+    student.set_progress_bar_config(disable=True)
+    assert student(torch.rand(1, 3, 8, 8), upscale=4, output_type="pt").images.shape == (1, 3, 32, 32)
+
+
+def test_convert_tinysr_cli(tmp_path, capsys):
+    from conversion.cli import main
+
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+    args = ["convert", "tinysr", "--teacher", str(tmp_path / "teacher"), "--keep-blocks", "2", "--vae-width", "8",
+            "--group-size", "2", "--search-steps", "2", "--distill-steps", "2", "--batch-size", "2", "--crop", "32", "--json"]
+    assert main(args + ["--out", str(tmp_path / "student")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["student_params"] < result["teacher_params"] and result["student_gmacs_256px"] < result["teacher_gmacs_256px"]
+    assert (tmp_path / "student" / "README.md").read_text().count("hf-ext convert tinysr") == 1
+    assert OneStepSRPipeline.from_pretrained(tmp_path / "student").transformer.config.precached
+    assert main(args[:-1] + ["--vae-width", "5", "--out", str(tmp_path / "bad")]) == 2   # refused, nothing left
+    assert "vae_width" in capsys.readouterr().err and not (tmp_path / "bad").exists()
