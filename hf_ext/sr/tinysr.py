@@ -40,10 +40,10 @@ class TinySRConfig:
     vae_width: int                      # first VAE block's width after channel pruning (others scale alike)
     group_size: int = 4                 # depth search: blocks per group (each keeps keep_blocks / groups)
     search_steps: int = 300
-    distill_steps: int = 600
+    distill_steps: int = 1000
     batch_size: int = 8
-    crop: int = 128                     # HR training crop (pixels)
-    lr: float = 2e-4
+    crop: int = 96                      # HR training crop (pixels)
+    lr: float = 5e-4
     sepconv: bool = True
     seed: int = 0
 

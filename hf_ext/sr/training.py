@@ -69,17 +69,25 @@ def latents(vae, x: torch.Tensor) -> torch.Tensor:
     return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
-def train_onestep(transformer, vae, batches: Iterator, steps: int, lr: float = 5e-4, progress: bool = True) -> dict:
+def train_onestep(transformer, vae, batches: Iterator, steps: int, lr: float = 5e-4, pixel_weight: float = 0.0,
+                  progress: bool = True) -> dict:
     """Train ``transformer`` so that z_lr - sigma * v(z_lr) = z_hr, with ``vae`` frozen; ``batches`` yield
-    (lr_up, hr, scale) in [-1, 1] (``hf_ext.sr.data.sr_batches``)."""
+    (lr_up, hr, scale) in [-1, 1] (``hf_ext.sr.data.sr_batches``). With ``pixel_weight`` the decoded step is also
+    held to the HR image (L1 through the frozen decoder): the latent loss alone does not follow pixel error."""
     vae.requires_grad_(False).eval()
     sigma = transformer.config.timestep / 1000
 
     def loss_fn(model, batch):
         up, hr, _ = batch
+        hr = hr.to(vae.device)
         with torch.no_grad():
-            z_lr, z_hr = latents(vae, up.to(vae.device)), latents(vae, hr.to(vae.device))
-        return F.l1_loss(z_lr - sigma * model(z_lr), z_hr)
+            z_lr, z_hr = latents(vae, up.to(vae.device)), latents(vae, hr)
+        z = z_lr - sigma * model(z_lr)
+        loss = F.l1_loss(z, z_hr)
+        if pixel_weight:
+            z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+            loss = loss + pixel_weight * F.l1_loss(vae.decode(z).sample, hr)
+        return loss
 
     return fit(transformer, loss_fn, batches, steps, lr, "SR one-step transformer", progress)
 
