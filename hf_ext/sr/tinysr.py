@@ -105,6 +105,27 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
                      "distill_final_loss": distill_log["final_loss"], "distill_loss_every_50": distill_log["loss_every_50"]}
 
 
+def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline, config: TinySRConfig,
+                          progress: bool = True):
+    """More distillation steps (``config.distill_steps``) for an already compressed ``student``: the structure,
+    the kept blocks and the pre-cached modulations stay; every other weight trains. Returns (student, log)."""
+    if not student.transformer.config.precached:
+        raise BadConfigError("the student is not pre-cached; compress it with compress_tinysr first")
+    teacher.vae.requires_grad_(False).eval()
+    teacher.transformer.requires_grad_(False).eval()
+    scales = tuple(teacher.transformer.config.trained_upscales or (4,))
+    seed = config.seed + 2                                       # fresh batches, not the first run's
+    torch.manual_seed(seed)
+    student.vae.requires_grad_(True)
+    student.transformer.requires_grad_(True)
+    log = distill(student, teacher, sr_batches("train", config.crop, config.batch_size, scales, seed=seed),
+                  config.distill_steps, lr=config.lr, progress=progress)
+    student.vae.eval()
+    student.transformer.eval()
+    return student, {"config": asdict(config), "continued": True, "distill_final_loss": log["final_loss"],
+                     "distill_loss_every_50": log["loss_every_50"]}
+
+
 class _OneStep(torch.nn.Module):
     """z -> z - sigma * v(z, mask): what the depth search fits to the teacher's one-step latents."""
 

@@ -117,7 +117,7 @@ def test_pipeline_refuses_bad_input(tmp_path):
 
 
 def test_compress_tinysr_end_to_end_on_a_tiny_teacher(tmp_path):
-    from hf_ext.sr.tinysr import TinySRConfig, compress_tinysr
+    from hf_ext.sr.tinysr import TinySRConfig, compress_tinysr, continue_distillation
 
     teacher = tiny_teacher()
     before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
@@ -133,6 +133,12 @@ def test_compress_tinysr_end_to_end_on_a_tiny_teacher(tmp_path):
     assert n(student) < 0.5 * n(teacher)
     student.set_progress_bar_config(disable=True)
     assert student(torch.rand(1, 3, 8, 8), upscale=4, output_type="pt").images.shape == (1, 3, 32, 32)
+    cached = {k: v.clone() for k, v in student.transformer.state_dict().items() if k.endswith(".value")}
+    more, log = continue_distillation(student, teacher, config, progress=False)     # more steps, same structure
+    assert log["continued"] and more.transformer.config.num_layers == 2
+    assert all(torch.equal(more.transformer.state_dict()[k], v) for k, v in cached.items())   # modulations stay
+    with pytest.raises(ValueError, match="not pre-cached"):
+        continue_distillation(teacher, teacher, config)
 
 
 def test_convert_tinysr_cli(tmp_path, capsys):
@@ -146,5 +152,9 @@ def test_convert_tinysr_cli(tmp_path, capsys):
     assert result["student_params"] < result["teacher_params"] and result["student_gmacs_256px"] < result["teacher_gmacs_256px"]
     assert (tmp_path / "student" / "README.md").read_text().count("hf-ext convert tinysr") == 1
     assert OneStepSRPipeline.from_pretrained(tmp_path / "student").transformer.config.precached
+    assert main(args + ["--continue-from", str(tmp_path / "student"), "--out", str(tmp_path / "more")]) == 0
+    more = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert more["keep"] == result["keep"] and more["student_params"] == result["student_params"]
+    assert "--continue-from" in (tmp_path / "more" / "README.md").read_text()
     assert main(args[:-1] + ["--vae-width", "5", "--out", str(tmp_path / "bad")]) == 2   # refused, nothing left
     assert "vae_width" in capsys.readouterr().err and not (tmp_path / "bad").exists()
