@@ -143,6 +143,7 @@ def prune_vae_channels(vae, width: int):
     """A copy of ``vae`` with ``block_out_channels`` scaled so the first is ``width`` (GroupNorm groups scaled
     alike), keeping the most important channels of every channel space."""
     from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import Attention
 
     from .vae import same_dtype
 
@@ -165,9 +166,10 @@ def prune_vae_channels(vae, width: int):
         for dim, space in big.uses.get(name, []):
             t = t.index_select(dim, keep[space])
         state[name] = t
+    teacher_modules = dict(vae.named_modules())
     for name, a in student.named_modules():                       # keep q.k / sqrt(d) as it was with fewer dims
-        if name.endswith(("attentions.0", "attentions.1")) and a is not None and hasattr(a, "to_q"):
-            ratio = dict(vae.named_modules())[name].scale / a.scale
+        if isinstance(a, Attention):
+            ratio = teacher_modules[name].scale / a.scale
             state[f"{name}.to_q.weight"] = state[f"{name}.to_q.weight"] * ratio
             if a.to_q.bias is not None:
                 state[f"{name}.to_q.bias"] = state[f"{name}.to_q.bias"] * ratio
