@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--crop", type=int, default=96, help="HR training crop in pixels (default 96)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--degrade", choices=("realistic", "bicubic", "mixed"), default="mixed",
+                   help="training LR degradation; the teacher labels it, so mixed covers both (default)")
+    p.add_argument("--output-weight", type=float, default=1.0,
+                   help="distillation weight of the student's whole path vs the teacher's image (default 1)")
     p.add_argument("--no-sepconv", action="store_true", help="keep the VAE's dense convs")
     p.add_argument("--continue-from", metavar="DIR", help="a saved student: only distil it --distill-steps more")
     add_output_args(p)
@@ -38,7 +42,8 @@ def run(args) -> None:
     teacher = OneStepSRPipeline.from_pretrained(args.teacher)
     config = TinySRConfig(keep_blocks=args.keep_blocks, vae_width=args.vae_width, group_size=args.group_size,
                           search_steps=args.search_steps, distill_steps=args.distill_steps,
-                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, sepconv=not args.no_sepconv)
+                          batch_size=args.batch_size, crop=args.crop, lr=args.lr, sepconv=not args.no_sepconv,
+                          degrade=args.degrade, output_weight=args.output_weight)
     if args.continue_from:
         student, log = continue_distillation(OneStepSRPipeline.from_pretrained(args.continue_from), teacher, config)
         log["keep"] = json.loads(Path(args.continue_from, "hf_ext_report.json").read_text()).get("keep") \

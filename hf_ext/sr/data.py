@@ -126,12 +126,15 @@ def random_crops(photos: list[torch.Tensor], n: int, size: int, generator: torch
     return torch.stack(out)
 
 
+DEGRADATIONS = ("realistic", "bicubic", "mixed")
+
+
 def sr_batches(split: str, size: int, batch: int, scales: tuple[int, ...], seed: int = 0, degrade: str = "realistic"):
     """Endless (lr_up, hr, scale) batches for training: HR crops (B, 3, size, size) of ``split``'s photos, their LR
-    made by ``realistic_degrade`` (or ``bicubic_degrade``) at a random scale from ``scales`` and bicubic-upsampled
-    back to ``size``; both in [-1, 1], as the pipelines take them."""
-    if degrade not in ("realistic", "bicubic"):
-        raise ValueError(f"degrade={degrade!r}: use 'realistic' or 'bicubic'")
+    made by ``realistic_degrade`` (or ``bicubic_degrade``; ``"mixed"`` draws one of the two per batch) at a random
+    scale from ``scales`` and bicubic-upsampled back to ``size``; both in [-1, 1], as the pipelines take them."""
+    if degrade not in DEGRADATIONS:
+        raise ValueError(f"degrade={degrade!r}: use one of {DEGRADATIONS}")
     if any(size % s for s in scales):
         raise ValueError(f"crop size {size} is not a multiple of every scale in {scales}")
     g = torch.Generator().manual_seed(seed)
@@ -139,7 +142,8 @@ def sr_batches(split: str, size: int, batch: int, scales: tuple[int, ...], seed:
     while True:
         hr = random_crops(photos, batch, size, g)
         s = scales[int(torch.randint(len(scales), (), generator=g))]
-        lr = realistic_degrade(hr, s, g) if degrade == "realistic" else bicubic_degrade(hr, s)
+        d = degrade if degrade != "mixed" else DEGRADATIONS[int(torch.randint(2, (), generator=g))]
+        lr = realistic_degrade(hr, s, g) if d == "realistic" else bicubic_degrade(hr, s)
         up = F.interpolate(lr, scale_factor=s, mode="bicubic", align_corners=False).clamp(0, 1)
         yield up * 2 - 1, hr * 2 - 1, s
 

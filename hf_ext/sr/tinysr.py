@@ -8,7 +8,9 @@ Steps, each a tested pure function or a training loop through accelerate:
    by importance to ``vae_width``, its attention removed and its k x k convs made SepConv. The latent space is
    the teacher's, so the teacher's latents stay valid targets.
 3. **Distil** (``training.distill``): the student's one step learns the teacher's latents, its decoder the
-   teacher's images, on the train photos with the Real-ESRGAN-style degradation.
+   teacher's images, on the train photos. The teacher labels every input, so the LR can come from any
+   degradation; the default mixes the Real-ESRGAN-style one with clean bicubic downscaling, so that the student
+   follows the teacher on both.
 4. **Pre-cache** (``precache``): the time and prompt embeddings and every AdaLN modulation become stored
    buffers, and the modules that made them are dropped (bit-identical).
 
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import BadConfigError
-from .data import sr_batches
+from .data import DEGRADATIONS, sr_batches
 from .modeling_onestep_sr import keep_blocks, precache
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pruning import DepthSearchConfig, search_depth
@@ -45,6 +47,8 @@ class TinySRConfig:
     crop: int = 96                      # HR training crop (pixels)
     lr: float = 5e-4
     sepconv: bool = True
+    output_weight: float = 1.0          # distillation: weight of the student's whole path vs the teacher's image
+    degrade: str = "mixed"              # training LR: "realistic", "bicubic" or "mixed" (teacher-labelled, so any)
     seed: int = 0
 
 
@@ -66,6 +70,8 @@ def check_config(teacher, c: TinySRConfig) -> int:
     if not 1 <= c.keep_blocks <= n or c.keep_blocks % groups:
         raise BadConfigError(f"keep_blocks={c.keep_blocks}: with {n} blocks in {groups} groups of {c.group_size}, keep a "
                          f"multiple of {groups} between {groups} and {n}")
+    if c.degrade not in DEGRADATIONS:
+        raise BadConfigError(f"degrade={c.degrade!r}: use one of {DEGRADATIONS}")
     if teacher.transformer.config.precached:
         raise BadConfigError("the teacher is already pre-cached; give the uncached teacher (its AdaLN layers train)")
     try:
@@ -86,7 +92,7 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     torch.manual_seed(c.seed)
 
     def latent_pairs():                                              # (z_lr, the teacher's one-step latent)
-        for up, _, _ in sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed):
+        for up, _, _ in sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed, degrade=c.degrade):
             with torch.no_grad():                                    # (not around the yield: it would leak)
                 z = latents(teacher.vae, up.to(teacher.device))
                 target = z - sigma * teacher.transformer(z)
@@ -98,8 +104,8 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched), keep, c.vae_width, c.sepconv)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
-    distill_log = distill(student, teacher, sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1),
-                          c.distill_steps, lr=c.lr, progress=progress)
+    distill_log = distill(student, teacher, sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade),
+                          c.distill_steps, lr=c.lr, output_weight=c.output_weight, progress=progress)
     student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval())
     return student, {"config": asdict(c), "keep": keep, "search_final_loss": search_log["final_loss"],
                      "distill_final_loss": distill_log["final_loss"], "distill_loss_every_50": distill_log["loss_every_50"]}
@@ -118,8 +124,9 @@ def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline
     torch.manual_seed(seed)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
-    log = distill(student, teacher, sr_batches("train", config.crop, config.batch_size, scales, seed=seed),
-                  config.distill_steps, lr=config.lr, progress=progress)
+    log = distill(student, teacher, sr_batches("train", config.crop, config.batch_size, scales, seed=seed,
+                                       degrade=config.degrade),
+                  config.distill_steps, lr=config.lr, output_weight=config.output_weight, progress=progress)
     student.vae.eval()
     student.transformer.eval()
     return student, {"config": asdict(config), "continued": True, "distill_final_loss": log["final_loss"],

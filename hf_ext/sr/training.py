@@ -93,10 +93,12 @@ def train_onestep(transformer, vae, batches: Iterator, steps: int, lr: float = 5
 
 
 def distill(student, teacher, batches: Iterator, steps: int, lr: float = 2e-4, pixel_weight: float = 1.0,
-            progress: bool = True) -> dict:
+            output_weight: float = 0.0, progress: bool = True) -> dict:
     """Train ``student`` (a ``OneStepSRPipeline``, possibly pruned) to reproduce ``teacher``: the student's one
     step must land on the teacher's latent (L1), and the student's decoder must turn the teacher's latent into
-    the teacher's image (L1, weight ``pixel_weight``). Its encoder learns through the latent term."""
+    the teacher's image (L1, weight ``pixel_weight``). Its encoder learns through the latent term. With
+    ``output_weight`` the student's whole path (its encoder, step and decoder, as at inference) is also held to
+    the teacher's image: the two per-part terms leave the parts' errors free to compound."""
     teacher.transformer.requires_grad_(False).eval()
     teacher.vae.requires_grad_(False).eval()
     sigma = teacher.transformer.config.timestep / 1000
@@ -108,11 +110,15 @@ def distill(student, teacher, batches: Iterator, steps: int, lr: float = 2e-4, p
             z_t = latents(teacher.vae, up)
             z_t = z_t - sigma * teacher.transformer(z_t)
             img_t = teacher.decode(z_t)
-        z_s = latents(model["vae"], up)
-        loss = F.l1_loss(z_s - sigma * model["transformer"](z_s), z_t)
+        vae = model["vae"]
+        unscale = lambda z: z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)  # noqa: E731
+        z_s = latents(vae, up)
+        z_s = z_s - sigma * model["transformer"](z_s)
+        loss = F.l1_loss(z_s, z_t)
         if pixel_weight:
-            dec = model["vae"].decode(z_t / model["vae"].config.scaling_factor + (model["vae"].config.shift_factor or 0.0))
-            loss = loss + pixel_weight * F.l1_loss(dec.sample, img_t)
+            loss = loss + pixel_weight * F.l1_loss(vae.decode(unscale(z_t)).sample, img_t)
+        if output_weight:
+            loss = loss + output_weight * F.l1_loss(vae.decode(unscale(z_s)).sample, img_t)
         return loss
 
     return fit(parts, loss_fn, batches, steps, lr, "TinySR distillation", progress)

@@ -123,6 +123,8 @@ def test_compress_tinysr_end_to_end_on_a_tiny_teacher(tmp_path):
     before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
     with pytest.raises(ValueError, match="keep_blocks=3"):
         compress_tinysr(teacher, TinySRConfig(keep_blocks=3, vae_width=8, group_size=2))
+    with pytest.raises(ValueError, match="degrade='blur'"):
+        compress_tinysr(teacher, TinySRConfig(keep_blocks=2, vae_width=8, group_size=2, degrade="blur"))
     config = TinySRConfig(keep_blocks=2, vae_width=8, group_size=2, search_steps=3, distill_steps=2, batch_size=2, crop=32)
     student, log = compress_tinysr(teacher, config, progress=False)
     assert len(log["keep"]) == 2 and student.transformer.config.num_layers == 2
@@ -158,3 +160,37 @@ def test_convert_tinysr_cli(tmp_path, capsys):
     assert "--continue-from" in (tmp_path / "more" / "README.md").read_text()
     assert main(args[:-1] + ["--vae-width", "5", "--out", str(tmp_path / "bad")]) == 2   # refused, nothing left
     assert "vae_width" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_mixed_training_batches_draw_both_degradations():
+    import torch.nn.functional as F
+
+    from hf_ext.sr.data import bicubic_degrade, sr_batches
+
+    def is_bicubic(up, hr, s):
+        clean = F.interpolate(bicubic_degrade((hr + 1) / 2, s), scale_factor=s, mode="bicubic", align_corners=False)
+        return torch.allclose(up, clean.clamp(0, 1) * 2 - 1, atol=1e-5)
+
+    kinds = {is_bicubic(up, hr, s) for up, hr, s in (next(b) for b in [sr_batches("train", 32, 2, (2,), degrade="mixed")]
+                                                     for _ in range(8))}
+    assert kinds == {True, False}
+    up, hr, s = next(sr_batches("train", 32, 2, (2,), degrade="bicubic"))
+    assert is_bicubic(up, hr, s)
+    with pytest.raises(ValueError, match="degrade='blur'"):
+        next(sr_batches("train", 32, 2, (2,), degrade="blur"))
+
+
+def test_distillation_can_hold_the_students_whole_path_to_the_teacher():
+    import copy
+
+    from hf_ext.sr.tinysr import prune_student
+    from hf_ext.sr.training import distill
+
+    teacher = tiny_teacher()
+    student = prune_student(teacher, [0, 2], vae_width=8)
+    batch = (torch.rand(2, 3, 32, 32) * 2 - 1, None, 2)
+    losses = []
+    for w in (0.0, 1.0):
+        s = copy.deepcopy(student)
+        losses.append(distill(s, teacher, iter([batch]), steps=1, output_weight=w, progress=False)["final_loss"])
+    assert losses[1] > losses[0]          # the whole-path term is on, and the student is not yet the teacher
