@@ -25,7 +25,8 @@ from hf_ext.meft.train import FinetuneConfig, finetune  # noqa: E402
 RUNS = {"full FT": dict(method="full", lr=5e-5), "LoRA r=8": dict(method="lora", lr=2e-3),
         "MEFT3 (defaults)": dict(method="meft", variant="meft3", lr=2e-3),
         "MEFT1 (defaults)": dict(method="meft", variant="meft1", lr=2e-3)}
-KEEP = ("lr", "trainable_params", "accuracy", "balanced_accuracy", "final_train_loss", "dev_accuracy_per_epoch",
+SECTION = "MiniLM on docs-sections"
+KEEP = ("lr", "lam", "beta", "trainable_params", "accuracy", "balanced_accuracy", "final_train_loss", "dev_accuracy_per_epoch",
         "selected_epoch", "train_seconds")
 
 
@@ -33,7 +34,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-per-class", type=int, default=400)
-    ap.add_argument("--runs", nargs="*", default=list(RUNS), help=f"subset of {list(RUNS)}")
+    ap.add_argument("--runs", nargs="*", default=list(RUNS),
+                    help=f"subset of {list(RUNS)}; the other methods' rows are kept from --out (from_earlier_run)")
     ap.add_argument("--out", default="benchmarks/results/meft_accuracy.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -47,6 +49,12 @@ def main():
         common = {k: r[k] for k in ("train_examples", "eval_examples", "steps", "epochs", "batch_size", "max_length")}
         rows.append({"method": name, **{k: r[k] for k in KEEP}})
         print(json.dumps(rows[-1]), flush=True)
+    old = Path(args.out)
+    if set(args.runs) != set(RUNS) and old.is_file():   # a partial rerun keeps the other methods' rows
+        done = {r["method"] for r in rows}
+        kept = [{**r, "from_earlier_run": True} for r in json.loads(old.read_text())["sections"][SECTION]["rows"]
+                if r["method"] not in done]
+        rows = sorted(kept + rows, key=lambda r: list(RUNS).index(r["method"]) if r["method"] in RUNS else len(RUNS))
     full = next((r["accuracy"] for r in rows if r["method"] == "full FT"), None)
     for r in rows:
         if full is not None:
@@ -59,7 +67,7 @@ def main():
     res = {"title": "MEFT: docs-sections accuracy vs LoRA and full fine-tuning",
            "command": "python benchmarks/meft_accuracy.py",
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-           "sections": {"MiniLM on docs-sections": {"note": note, "rows": rows}}}
+           "sections": {SECTION: {"note": note, "rows": rows}}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("meft", help="MEFT reversible adapters on a classification task (activation-memory light)")
     p.add_argument("--model", default="minilm-l6", help="zoo name, local folder or Hub repo id (default minilm-l6)")
     p.add_argument("--task", default="docs-sections", help="task of hf_ext.tasks (default docs-sections)")
-    p.add_argument("--variant", choices=["meft1", "meft2", "meft3"], default="meft3")
+    p.add_argument("--variant", choices=["meft1", "meft2", "meft3"], default="meft1",
+                   help="meft1 (default: the most accurate on docs-sections, see README), meft2 or meft3")
     p.add_argument("--adapter-dim", type=int, default=16)
     p.add_argument("--lam", type=float, default=None, help="x1 scale (default: measured safe default)")
     p.add_argument("--beta", type=float, default=None, help="x2 scale (default: measured safe default)")

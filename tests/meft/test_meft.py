@@ -148,7 +148,8 @@ def test_init_deviation_shrinks_with_the_scales(variant):
 
 
 def test_default_scales_follow_depth():
-    assert default_scales("meft1", 6) == (0.125, 1.0)
+    assert default_scales("meft1", 6) == (2.0 ** -6, 1.0)
+    assert default_scales("meft1", 2) == (2.0 ** -8, 1.0)
     assert default_scales("meft3", 12) == (0.5, 0.5)
     assert default_scales("meft3", 30) == (1.0, 1.0)
 

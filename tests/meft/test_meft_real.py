@@ -30,16 +30,28 @@ def live_adapters(pm):
     return pm.train()
 
 
-@pytest.mark.parametrize("variant", ["meft1", "meft3"])
-def test_real_minilm_gradients(variant):
+def minilm_setup(**kw):
     path = resolve_model("minilm-l6")
     tok = AutoTokenizer.from_pretrained(path)
     model = BertForSequenceClassification.from_pretrained(path, num_labels=8)
     ids = tokenize(tok, load_corpus("python-docs:eval"), 4 * 128).view(4, 128)
     batch = dict(input_ids=ids, labels=torch.tensor([0, 3, 5, 7]))
-    pm = live_adapters(get_peft_model(model, MeftConfig(variant=variant, task_type="SEQ_CLS", check_every=1)))
+    return live_adapters(get_peft_model(model, MeftConfig(task_type="SEQ_CLS", check_every=1, **kw))), batch
+
+
+@pytest.mark.parametrize("variant", ["meft1", "meft3"])
+def test_real_minilm_gradients(variant):
+    """The defaults (36 bits of scale): near-exact reversal, gradients as autograd's, the monitor silent."""
+    pm, batch = minilm_setup(variant=variant)
     a, b = grads(pm, batch, True), grads(pm, batch, False)
     assert b.norm() > 0 and float((a - b).norm() / b.norm()) < 1e-4
+    assert pm.base_model.last_recon_error < pm.base_model.peft_config["default"].check_threshold
+
+
+@pytest.mark.parametrize("variant,lam,beta", [("meft1", 2 ** -3, 1.0), ("meft3", 2 ** -2, 2 ** -2)])
+def test_real_minilm_reverses_bit_exactly_within_24_bits(variant, lam, beta):
+    pm, batch = minilm_setup(variant=variant, lam=lam, beta=beta)
+    assert torch.equal(grads(pm, batch, True), grads(pm, batch, False))
     assert pm.base_model.last_recon_error == 0.0
 
 
