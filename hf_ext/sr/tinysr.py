@@ -104,8 +104,9 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched), keep, c.vae_width, c.sepconv)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
-    distill_log = distill(student, teacher, sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade),
-                          c.distill_steps, lr=c.lr, output_weight=c.output_weight, progress=progress)
+    batches = sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade)
+    distill_log = distill(student, teacher, batches, c.distill_steps, lr=c.lr, output_weight=c.output_weight,
+                          progress=progress)
     student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval())
     return student, {"config": asdict(c), "keep": keep, "search_final_loss": search_log["final_loss"],
                      "distill_final_loss": distill_log["final_loss"], "distill_loss_every_50": distill_log["loss_every_50"]}
@@ -124,9 +125,9 @@ def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline
     torch.manual_seed(seed)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
-    log = distill(student, teacher, sr_batches("train", config.crop, config.batch_size, scales, seed=seed,
-                                       degrade=config.degrade),
-                  config.distill_steps, lr=config.lr, output_weight=config.output_weight, progress=progress)
+    batches = sr_batches("train", config.crop, config.batch_size, scales, seed=seed, degrade=config.degrade)
+    log = distill(student, teacher, batches, config.distill_steps, lr=config.lr,
+                  output_weight=config.output_weight, progress=progress)
     student.vae.eval()
     student.transformer.eval()
     return student, {"config": asdict(config), "continued": True, "distill_final_loss": log["final_loss"],
