@@ -11,8 +11,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("meft", help="MEFT reversible adapters on a classification task (activation-memory light)")
     p.add_argument("--model", default="minilm-l6", help="zoo name, local folder or Hub repo id (default minilm-l6)")
     p.add_argument("--task", default="docs-sections", help="task of hf_ext.tasks (default docs-sections)")
-    p.add_argument("--variant", choices=["meft1", "meft2", "meft3"], default="meft1",
-                   help="meft1 (default: the most accurate on docs-sections, see README), meft2 or meft3")
+    p.add_argument("--variant", choices=["meft1", "meft2", "meft3"], default="meft3",
+                   help="meft3 (default: best dev accuracy on docs-sections, see README), meft1 or meft2")
     p.add_argument("--adapter-dim", type=int, default=16)
     p.add_argument("--lam", type=float, default=None, help="x1 scale (default: measured safe default)")
     p.add_argument("--beta", type=float, default=None, help="x2 scale (default: measured safe default)")
@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
-    p.add_argument("--max-per-class", type=int, default=400, help="cap on train examples per class (default 400)")
+    p.add_argument("--max-per-class", type=int, default=400,
+                   help="cap on train examples per class, a fixed sample spread over each class (default 400)")
     p.add_argument("--select-epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the epoch with the best dev-split accuracy (default on)")
     p.add_argument("--seed", type=int, default=0)

@@ -12,8 +12,10 @@ python3.11-doc reST sources (see ``hf_ext.zoo.PYTHON_DOCS_DIR``).
   is 0 mod 10, ``dev`` when it is 1 mod 10, otherwise ``train``. (A file-level split leaves faq and
   extending with no eval files.) ``dev`` is for choosing settings (epoch, learning rate); ``eval`` is
   for reporting only.
-- ``max_per_class`` caps each class of the split (the first paragraphs in sorted-path order); library
-  otherwise outnumbers extending 35 to 1. Use it on ``train``; ``dev`` and ``eval`` keep the natural mix.
+- ``max_per_class`` caps each class of the split; library otherwise outnumbers extending 35 to 1. The
+  kept paragraphs are those with the smallest SHA-256 of their text: a fixed sample spread over the
+  whole section. (Keeping the first ones in path order would give a library class made of modules
+  ``2to3`` to ``base64`` only.) Use it on ``train``; ``dev`` and ``eval`` keep the natural mix.
 
 Example:
     >>> from hf_ext.tasks import load_task
@@ -89,12 +91,12 @@ def load_task(name: str, split: str, max_per_class: int | None = None) -> TextCl
         raise BadTextError(f"split '{split}' does not exist; use one of {', '.join(SPLITS)}")
     if max_per_class is not None and max_per_class < 1:
         raise BadTextError(f"max_per_class={max_per_class} keeps nothing; give a positive number or None")
-    texts, labels, seen = [], [], [0] * len(DOCS_SECTIONS)
-    for p, section in docs_sections_paragraphs().items():
-        y = DOCS_SECTIONS.index(section)
-        if _split_of(p) != split or (max_per_class is not None and seen[y] >= max_per_class):
-            continue
-        seen[y] += 1
-        texts.append(p)
-        labels.append(y)
+    rows = [(p, DOCS_SECTIONS.index(s)) for p, s in docs_sections_paragraphs().items() if _split_of(p) == split]
+    if max_per_class is not None:
+        kept: set[str] = set()
+        for y in range(len(DOCS_SECTIONS)):
+            ranked = sorted((p for p, c in rows if c == y), key=lambda p: hashlib.sha256(p.encode()).digest())
+            kept.update(ranked[:max_per_class])
+        rows = [(p, y) for p, y in rows if p in kept]
+    texts, labels = [p for p, _ in rows], [y for _, y in rows]
     return TextClassificationTask(name, split, texts, labels, DOCS_SECTIONS)

@@ -23,6 +23,10 @@ def test_docs_sections_split_is_fixed_disjoint_and_labelled():
     capped = load_task("docs-sections", "train", max_per_class=50)
     assert max(capped.class_counts().values()) == 50 and set(capped.texts) <= set(train.texts)
     assert load_task("docs-sections", "eval").texts == test.texts    # deterministic
+    # the cap samples the whole section, not its first files (library is 6000+ paragraphs of ~300 modules)
+    library = [t for t, y in zip(train.texts, train.labels) if y == 0]
+    where = sorted(library.index(t) / len(library) for t, y in zip(capped.texts, capped.labels) if y == 0)
+    assert where[0] < 0.1 and where[-1] > 0.9 and 0.3 < where[len(where) // 2] < 0.7
 
 
 def test_bad_task_and_settings():
