@@ -50,10 +50,11 @@ def methods(task):
         m.enable_input_require_grads()
         return lora(m)
 
-    def meft(m):
-        return get_peft_model(m, MeftConfig(variant="meft1", task_type=task, check_every=0)).train()
+    def meft(variant):
+        return lambda m: get_peft_model(m, MeftConfig(variant=variant, task_type=task, check_every=0)).train()
 
-    return {"full FT": full, "LoRA r=8": lora, "LoRA r=8 + checkpointing": lora_ckpt, "MEFT1 (defaults)": meft}
+    return {"full FT": full, "LoRA r=8": lora, "LoRA r=8 + checkpointing": lora_ckpt,
+            "MEFT1 (defaults)": meft("meft1"), "MEFT3 (defaults)": meft("meft3")}
 
 
 def measure(make_model, wrap, batch, steps):
@@ -112,7 +113,7 @@ def main():
             return BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=layers,
                                                             num_attention_heads=4, intermediate_size=128, num_labels=3))
         batch = dict(input_ids=torch.randint(0, 100, (8, 64)), labels=torch.arange(8) % 3)
-        for label in ("full FT", "MEFT1 (defaults)"):
+        for label in ("full FT", "MEFT1 (defaults)", "MEFT3 (defaults)"):
             act, _ = measure(make, methods("SEQ_CLS")[label], batch, 1)
             depth.append({"layers": layers, "method": label, "activation_KB": act / 1024})
             print(f"depth {layers} {label:20s} act {act / 1024:8.1f} KB", flush=True)
