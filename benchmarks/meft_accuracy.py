@@ -25,7 +25,6 @@ from hf_ext.meft.train import FinetuneConfig, finetune  # noqa: E402
 RUNS = {"full FT": dict(method="full", lr=5e-5), "LoRA r=8": dict(method="lora", lr=2e-3),
         "MEFT3 (defaults)": dict(method="meft", variant="meft3", lr=2e-3),
         "MEFT1 (defaults)": dict(method="meft", variant="meft1", lr=2e-3)}
-SECTION = "MiniLM on docs-sections"
 KEEP = ("lr", "lam", "beta", "trainable_params", "accuracy", "balanced_accuracy", "final_train_loss", "dev_accuracy_per_epoch",
         "selected_epoch", "train_seconds")
 
@@ -34,6 +33,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-per-class", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0, help="seeds other than 0 get their own section of --out")
     ap.add_argument("--runs", nargs="*", default=list(RUNS),
                     help=f"subset of {list(RUNS)}; the other methods' rows are kept from --out (from_earlier_run)")
     ap.add_argument("--out", default="benchmarks/results/meft_accuracy.json")
@@ -42,18 +42,20 @@ def main():
     import transformers
 
     transformers.logging.set_verbosity_error()
+    section = "MiniLM on docs-sections" + (f", seed {args.seed}" if args.seed else "")
+    old = Path(args.out)
+    sections = json.loads(old.read_text())["sections"] if old.is_file() else {}
     rows, common = [], None
     for name in args.runs:
-        cfg = FinetuneConfig(model="minilm-l6", epochs=args.epochs, max_per_class=args.max_per_class, **RUNS[name])
+        cfg = FinetuneConfig(model="minilm-l6", epochs=args.epochs, max_per_class=args.max_per_class, seed=args.seed,
+                             **RUNS[name])
         _, _, r = finetune(cfg)
         common = {k: r[k] for k in ("train_examples", "eval_examples", "steps", "epochs", "batch_size", "max_length")}
         rows.append({"method": name, **{k: r[k] for k in KEEP}})
         print(json.dumps(rows[-1]), flush=True)
-    old = Path(args.out)
-    if set(args.runs) != set(RUNS) and old.is_file():   # a partial rerun keeps the other methods' rows
+    if set(args.runs) != set(RUNS) and section in sections:   # a partial rerun keeps the other methods' rows
         done = {r["method"] for r in rows}
-        kept = [{**r, "from_earlier_run": True} for r in json.loads(old.read_text())["sections"][SECTION]["rows"]
-                if r["method"] not in done]
+        kept = [{**r, "from_earlier_run": True} for r in sections[section]["rows"] if r["method"] not in done]
         rows = sorted(kept + rows, key=lambda r: list(RUNS).index(r["method"]) if r["method"] in RUNS else len(RUNS))
     full = next((r["accuracy"] for r in rows if r["method"] == "full FT"), None)
     for r in rows:
@@ -62,12 +64,12 @@ def main():
     note = (f"docs-sections (8 classes), real MiniLM-L6, {common['train_examples']} train paragraphs "
             f"(<= {args.max_per_class} per class), {common['eval_examples']} eval paragraphs (natural class mix; "
             f"majority class 53.5%), {common['epochs']} epochs x {common['steps'] // common['epochs']} steps of "
-            f"{common['batch_size']}, max {common['max_length']} tokens, seed 0; the epoch is chosen on the dev split "
-            "(1403 paragraphs, disjoint from train and eval). balanced_accuracy = mean per-class recall.")
+            f"{common['batch_size']}, max {common['max_length']} tokens, seed {args.seed}; the epoch is chosen on the "
+            "dev split (1403 paragraphs, disjoint from train and eval). balanced_accuracy = mean per-class recall.")
     res = {"title": "MEFT: docs-sections accuracy vs LoRA and full fine-tuning",
            "command": "python benchmarks/meft_accuracy.py",
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-           "sections": {SECTION: {"note": note, "rows": rows}}}
+           "sections": {**sections, section: {"note": note, "rows": rows}}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 
