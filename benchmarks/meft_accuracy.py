@@ -19,6 +19,7 @@ import json
 import platform
 import sys
 import warnings
+from statistics import fmean, stdev
 from pathlib import Path
 
 import torch
@@ -47,17 +48,15 @@ def seed_summary(sections: dict) -> dict | None:
         if len(seeds) < 2:
             continue
         runs = [per_seed[s][method] for s in seeds]
-        mean = lambda k: sum(r[k] for r in runs) / len(runs)  # noqa: E731
-        row = {"method": method, "seeds": ",".join(map(str, seeds)), "mean_accuracy": mean("accuracy"),
-               "mean_balanced_accuracy": mean("balanced_accuracy"),
-               "mean_best_dev": sum(max(r["dev_accuracy_per_epoch"]) for r in runs) / len(runs)}
+        row = {"method": method, "seeds": ",".join(map(str, seeds)),
+               "mean_accuracy": fmean(r["accuracy"] for r in runs),
+               "mean_balanced_accuracy": fmean(r["balanced_accuracy"] for r in runs),
+               "mean_best_dev": fmean(max(r["dev_accuracy_per_epoch"]) for r in runs)}
         paired = [s for s in seeds if "full FT" in per_seed[s]]
         if method != "full FT" and len(paired) >= 2:
-            gaps = torch.tensor([100 * (per_seed[s][method]["accuracy"] - per_seed[s]["full FT"]["accuracy"])
-                                 for s in paired], dtype=torch.float64)
-            row.update(paired_seeds=",".join(map(str, paired)),
-                       gap_points_per_seed=" ".join(f"{g:+.1f}" for g in gaps.tolist()),
-                       mean_gap_points=gaps.mean().item(), gap_std_error=(gaps.std() / len(gaps) ** 0.5).item())
+            gaps = [100 * (per_seed[s][method]["accuracy"] - per_seed[s]["full FT"]["accuracy"]) for s in paired]
+            row.update(paired_seeds=",".join(map(str, paired)), gap_points_per_seed=" ".join(f"{g:+.1f}" for g in gaps),
+                       mean_gap_points=fmean(gaps), gap_std_error=stdev(gaps) / len(gaps) ** 0.5)
         rows.append(row)
     if not rows:
         return None
