@@ -19,8 +19,8 @@ import json
 import platform
 import sys
 import warnings
-from statistics import fmean, stdev
 from pathlib import Path
+from statistics import fmean, stdev
 
 import torch
 
