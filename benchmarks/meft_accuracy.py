@@ -64,6 +64,17 @@ def seed_summary(sections: dict) -> dict | None:
                     "the same seed, in points; std_error = sample std / sqrt(#seeds).", "rows": rows}
 
 
+def _stored_sections(out: Path, command: str) -> dict:
+    """The seed sections already in ``out``; refuses a file written by another schedule (e.g. other --epochs)."""
+    if not out.is_file():
+        return {}
+    stored = json.loads(out.read_text())
+    if stored["command"] != command:
+        sys.exit(f"{out} holds results of `{stored['command']}`, not `{command}`; mixing schedules would corrupt "
+                 "the seed summary. Pass another --out for this schedule.")
+    return stored["sections"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
@@ -78,8 +89,9 @@ def main():
 
     transformers.logging.set_verbosity_error()
     section = "MiniLM on docs-sections" + (f", seed {args.seed}" if args.seed else "")
-    old = Path(args.out)
-    sections = json.loads(old.read_text())["sections"] if old.is_file() else {}
+    epochs = "" if args.epochs == 5 else f" --epochs {args.epochs}"
+    command = f"python benchmarks/meft_accuracy.py{epochs}"
+    _stored_sections(Path(args.out), command)   # fail now, not after an hour of training
     rows, common = [], None
     for name in args.runs:
         cfg = FinetuneConfig(model="minilm-l6", epochs=args.epochs, max_per_class=args.max_per_class, seed=args.seed,
@@ -88,6 +100,7 @@ def main():
         common = {k: r[k] for k in ("train_examples", "eval_examples", "steps", "epochs", "batch_size", "max_length")}
         rows.append({"method": name, **{k: r[k] for k in KEEP}})
         print(json.dumps(rows[-1]), flush=True)
+    sections = _stored_sections(Path(args.out), command)   # reread: other seeds' runs may have finished meanwhile
     if set(args.runs) != set(RUNS) and section in sections:   # a partial rerun keeps the other methods' rows
         done = {r["method"] for r in rows}
         kept = [{**r, "from_earlier_run": True} for r in sections[section]["rows"] if r["method"] not in done]
@@ -103,12 +116,15 @@ def main():
             "dev split (1403 paragraphs, disjoint from train and eval). balanced_accuracy = mean per-class recall.")
     sections = {k: v for k, v in {**sections, section: {"note": note, "rows": rows}}.items() if k != SUMMARY}
     summary = seed_summary(sections)
-    res = {"title": "MEFT: docs-sections accuracy vs LoRA and full fine-tuning",
-           "command": "python benchmarks/meft_accuracy.py",
+    res = {"title": "MEFT: docs-sections accuracy vs LoRA and full fine-tuning" + (f", {args.epochs} epochs" if epochs else ""),
+           "command": command,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "sections": {**sections, **({SUMMARY: summary} if summary else {})}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)   # atomic: never a half-written results file
 
 
 if __name__ == "__main__":
