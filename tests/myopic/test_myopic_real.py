@@ -33,7 +33,9 @@ def test_real_smollm2_myopic_gradients():
     ids = tokenize(tok, load_corpus("python-docs:eval"), 12).view(1, 12)
     ref64 = myopic_grads_naive(copy.deepcopy(model).double(), ids)
     _, g64 = grads_of(enable_myopic(copy.deepcopy(model).double()), ids)
-    assert rel(g64, ref64) < 1e-12                                       # exact up to float64 rounding
+    # float64 model, but both losses run cross-entropy on logits.float() (transformers' loss does), so the
+    # match is to float32 rounding of dL/dlogits: 4e-7 on AMD EPYC, < 1e-12 where both fp32 kernels agree
+    assert rel(g64, ref64) < 1e-6
     logits_v, vanilla = grads_of(copy.deepcopy(model), ids)
     myopic = enable_myopic(copy.deepcopy(model))
     logits, g32 = grads_of(myopic, ids)

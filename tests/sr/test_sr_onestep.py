@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from helpers import assert_round_trip
 
 from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, keep_blocks, precache
 from hf_ext.sr.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
@@ -51,7 +52,8 @@ def test_depth_masks_equal_a_model_with_fewer_blocks(tmp_path):
         assert small.config.num_layers == len(keep) and torch.equal(small(x), model(x, block_mask=mask))
         assert torch.equal(precache(small)(x), small(x))          # also when the last block is gone
     small.save_pretrained(tmp_path)
-    assert torch.equal(OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval()(x), small(x))
+    loaded = OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval()
+    assert_round_trip(loaded, small, loaded(x), small(x))
     with pytest.raises(ValueError, match="increasing block indices"):
         keep_blocks(model, [2, 1])
 
@@ -82,7 +84,8 @@ def test_pipeline_shapes_tiles_and_round_trip(tmp_path):
     pipe.save_pretrained(tmp_path)
     again = OneStepSRPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    assert torch.equal(again(img, upscale=4, output_type="pt").images, out)
+    assert_round_trip([again.transformer, again.vae], [pipe.transformer, pipe.vae],
+                      again(img, upscale=4, output_type="pt").images, out)
     assert pipe(Image.new("RGB", (10, 6)), upscale=2, color_fix="adain").images[0].size == (20, 12)
     with pytest.raises(ValueError, match="color_fix"):
         pipe(img, color_fix="lab")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from helpers import assert_round_trip
 
 from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel
 from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
@@ -87,7 +88,8 @@ def test_pipeline_round_trips_and_loads_without_hf_ext(tmp_path):
     again = OneStepSRPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
     assert type(again.vae) is SepConvAutoencoderKL
-    assert torch.equal(again(x, upscale=2, output_type="pt").images, ref)
+    assert_round_trip([again.transformer, again.vae], [pipe.transformer, pipe.vae],
+                      again(x, upscale=2, output_type="pt").images, ref)
     torch.save(x, tmp_path / "x.pt")
     got = run_without_hf_ext(f"""
         import json, torch
@@ -97,7 +99,7 @@ def test_pipeline_round_trips_and_loads_without_hf_ext(tmp_path):
         print(json.dumps({{"cls": type(pipe).__name__, "vae": type(pipe.vae).__name__, "y": y.flatten().tolist()}}))
     """)
     assert got["cls"] == "OneStepSRPipeline" and got["vae"] == "SepConvAutoencoderKL"
-    assert torch.equal(torch.tensor(got["y"]), ref.flatten())
+    torch.testing.assert_close(torch.tensor(got["y"]), ref.flatten(), rtol=0, atol=1e-6)   # see assert_round_trip
 
 
 def test_pipeline_refuses_bad_input(tmp_path):
