@@ -55,7 +55,7 @@ class FinetuneConfig:
     beta: float | None = None
     reconstruction_dtype: str = "float64"
     lora_r: int = 8
-    epochs: int = 5
+    epochs: int = 8                     # beat 5 on every seed for MEFT3 and full FT (README, 8-epoch protocol)
     batch_size: int = 32
     max_length: int = 128
     lr: float | None = None

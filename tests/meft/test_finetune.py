@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from conversion.cli import main
+from conversion.cli import build_parser, main
 from hf_ext.meft.train import FinetuneConfig, FinetuneError, evaluate
 from hf_ext.tasks import DOCS_SECTIONS, load_task
 from hf_ext.zoo import resolve_model
@@ -91,3 +91,9 @@ def test_cli_bad_input_leaves_nothing(tiny_bert_dir, tmp_path, capsys):
     assert main(["finetune", "meft", "--model", str(tiny_bert_dir), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
+
+
+def test_cli_schedule_default_is_the_config_default():
+    """`hf-ext finetune meft` and `FinetuneConfig` share the measured schedule, so the two cannot drift apart."""
+    args = build_parser().parse_args(["finetune", "meft", "--out", "x"])
+    assert args.epochs == FinetuneConfig.epochs == 8
