@@ -15,6 +15,7 @@ import torch
 
 from hf_ext import hub as hf_hub_ext
 from hub_fixtures import HUB_TOKEN, hub_env, hub_stack  # noqa: F401  (pytest fixtures)
+from numerics import assert_round_trip
 
 
 def tiny_llama():
@@ -78,7 +79,7 @@ def test_push_then_download_through_olah_is_byte_identical(hub_stack, hub_env, t
     reloaded = LlamaForCausalLM.from_pretrained(snap).eval()
     ids = torch.arange(16).reshape(2, 8) % 128
     with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+        assert_round_trip(reloaded, model, lambda m: m(ids).logits)
 
 
 def test_push_to_unreachable_endpoint_raises_and_keeps_folder(hub_env, tmp_path):

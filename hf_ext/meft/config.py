@@ -50,7 +50,8 @@ class MeftConfig(PeftConfig):
             ``"meft3"`` (F = attention block, G = MLP block, both with adapters).
         adapter_dim: bottleneck width of every adapter.
         lam, beta: coupling scales; ``None`` takes ``default_scales(variant, n_layers)`` at injection: the
-            smallest power of two that keeps the reversal bit-exact. Small scales start the model closer
+            smallest power of two whose stream arithmetic stays exact (the reversal is then as exact as the
+            kernels recompute F and G; the monitor checks). Small scales start the model closer
             to the pretrained one but amplify rounding by 1/scale per layer.
         num_rev_layers: how many of the target layers (from the bottom) run reversibly; the rest use
             ordinary backprop. ``None``: all.

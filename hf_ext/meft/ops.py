@@ -14,6 +14,15 @@ reference that the gradients are tested against.
 The two streams may be carried in a wider ``stream_dtype`` (e.g. float64) than F and G compute in:
 the additions, the division by lam/beta and the stored outputs then lose far less, which is what
 makes small lam/beta usable (the reconstruction error grows like 1/lam per layer).
+
+How exact the reversal is rests on two things, and only the first is arithmetic:
+- the stream sums are exact while a stream's bits fit float64's 53 (powers of two for lam/beta make the
+  products exact; ``test_stream_arithmetic_is_exact`` proves a case);
+- the backward must recompute F and G *bit for bit* as the forward computed them. A last-bit difference
+  in a recomputed output is divided by lam (or beta) at its layer and by lam*beta at every layer below, so
+  at small scales it grows into a wrong input. Whether kernels recompute bit for bit depends on the
+  machine (CPU SIMD paths, nondeterministic GPU kernels); ``reconstruction_error`` recomputes exactly as
+  the backward does, so the monitor that calls it sees what training will see.
 """
 from __future__ import annotations
 
@@ -161,7 +170,11 @@ def _accumulate(grads, params, new):
 def reconstruction_error(couplings: list[Coupling], x1, x2, compute_dtype) -> float:
     """max |x - inverse(forward(x))| / max |x| over both streams, through the whole stack and back, with
     the RNG of every F and G replayed: the cheap check of whether a setting gives trustworthy gradients.
-    The global RNG state is left as it was, so a check does not change the dropout masks of training."""
+
+    The forward runs as ``ReversibleStack.forward`` does (no grad) and the inverse as its backward does
+    (grad enabled, inputs that require grad), so a kernel that rounds differently in the two modes shows
+    up here as it would in training. The global RNG state is left as it was, so a check does not change
+    the dropout masks of training."""
     with torch.no_grad(), RngReplay(x1.device):
         y1, y2, rngs = x1, x2, []
         for c in couplings:
@@ -173,8 +186,14 @@ def reconstruction_error(couplings: list[Coupling], x1, x2, compute_dtype) -> fl
         for c in reversed(couplings):
             y1, y2 = (y2, y1) if c.swap else (y1, y2)
             with rngs.pop():
-                y2 = (y2 - _call(c.G, y1, compute_dtype)) / c.beta
+                y2 = (y2 - _recompute(c.G, y1, compute_dtype)) / c.beta
             with rngs.pop():
-                y1 = (y1 - _call(c.F, y2, compute_dtype)) / c.lam
+                y1 = (y1 - _recompute(c.F, y2, compute_dtype)) / c.lam
         scale = torch.maximum(x1.abs().max(), x2.abs().max()).clamp_min(1e-30)
         return float(torch.maximum((y1 - x1).abs().max(), (y2 - x2).abs().max()) / scale)
+
+
+def _recompute(fn, x, compute_dtype):
+    """F or G as the reversible backward calls it: grad enabled, on an input that requires grad."""
+    with torch.enable_grad():
+        return _call(fn, x.detach().requires_grad_(), compute_dtype).detach()

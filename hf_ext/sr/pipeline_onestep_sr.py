@@ -145,5 +145,6 @@ class OneStepSRPipeline(DiffusionPipeline):
         if color_fix is not None:
             ref = F.interpolate(lr, scale_factor=upscale, mode="bicubic", align_corners=False)
             sr = COLOR_FIXES[color_fix](sr, ref)
-        images = self.image_processor.postprocess(sr.clamp(-1, 1).float(), output_type=output_type)
+        sr = sr.clamp(-1, 1) if output_type == "pt" else sr.clamp(-1, 1).float()   # numpy has no bfloat16
+        images = self.image_processor.postprocess(sr, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -46,5 +46,6 @@ class RealESRGANPipeline(DiffusionPipeline):
                 raise ValueError(f"outscale={outscale}; give a positive scale")
             size = (round(x.shape[-2] * outscale), round(x.shape[-1] * outscale))
             y = F.interpolate(y, size=size, mode="bicubic", align_corners=False, antialias=True)
-        images = self.image_processor.postprocess(y.clamp(0, 1).float(), output_type=output_type)
+        y = y.clamp(0, 1) if output_type == "pt" else y.clamp(0, 1).float()    # numpy has no bfloat16
+        images = self.image_processor.postprocess(y, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)

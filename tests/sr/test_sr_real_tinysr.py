@@ -30,6 +30,7 @@ def test_precaching_the_real_teacher_is_bit_identical_on_a_held_out_photo():
     ref = teacher(lr, upscale=4, output_type="pt").images
     cached = OneStepSRPipeline(vae=teacher.vae, transformer=precache(teacher.transformer))
     cached.set_progress_bar_config(disable=True)
+    # the same weights (shared VAE) and the same kernels: pre-caching only computes the modulations earlier
     assert torch.equal(cached(lr, upscale=4, output_type="pt").images, ref)
 
 
@@ -60,4 +61,6 @@ def test_the_real_student_loads_without_hf_ext(tmp_path):
         y = pipe(torch.load({str(tmp_path / 'lr.pt')!r}), upscale=2, output_type="pt").images
         print(json.dumps({{"y": y.flatten().tolist()}}))
     """)
+    # bit for bit: both processes map the same files, so every weight sits at the same offset within its
+    # page, hence the same alignment and the same SIMD kernels (see tests/numerics.py)
     assert torch.equal(torch.tensor(got["y"]).view_as(ref), ref)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from helpers import assert_round_trip
+from numerics import ROUND_TRIP_RTOL64, assert_close_rel, assert_round_trip, float64_copy
 
 from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel
 from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
@@ -73,7 +73,7 @@ def test_sepconv_vae_keeps_shapes_and_round_trips(tmp_path):
     assert sep.encode(x).latent_dist.mode().shape == dense.encode(x).latent_dist.mode().shape == (1, 4, 12, 20)
     assert sep(x).sample.shape == x.shape
     sep.save_pretrained(tmp_path)
-    assert torch.equal(SepConvAutoencoderKL.from_pretrained(tmp_path)(x).sample, sep(x).sample)
+    assert_round_trip(SepConvAutoencoderKL.from_pretrained(tmp_path), sep, lambda m: m(x.double()).sample)
 
 
 @torch.no_grad()
@@ -82,24 +82,25 @@ def test_pipeline_round_trips_and_loads_without_hf_ext(tmp_path):
 
     pipe = OneStepSRPipeline(vae=to_sepconv_vae(tiny_vae()), transformer=tiny_transformer())
     pipe.set_progress_bar_config(disable=True)
-    x = torch.rand(1, 3, 12, 12)
-    ref = pipe(x, upscale=2, output_type="pt").images
+    x = torch.rand(1, 3, 12, 12, dtype=torch.float64)
+    run = lambda p: p(x, upscale=2, output_type="pt").images  # noqa: E731
     pipe.save_pretrained(tmp_path)
     again = OneStepSRPipeline.from_pretrained(tmp_path)
     again.set_progress_bar_config(disable=True)
     assert type(again.vae) is SepConvAutoencoderKL
-    assert_round_trip([again.transformer, again.vae], [pipe.transformer, pipe.vae],
-                      again(x, upscale=2, output_type="pt").images, ref)
+    assert_round_trip(again, pipe, run)
     torch.save(x, tmp_path / "x.pt")
     got = run_without_hf_ext(f"""
         import json, torch
         from diffusers import DiffusionPipeline
-        pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).to(torch.float64)
         y = pipe(torch.load({str(tmp_path / 'x.pt')!r}), upscale=2, output_type="pt").images
         print(json.dumps({{"cls": type(pipe).__name__, "vae": type(pipe.vae).__name__, "y": y.flatten().tolist()}}))
     """)
     assert got["cls"] == "OneStepSRPipeline" and got["vae"] == "SepConvAutoencoderKL"
-    torch.testing.assert_close(torch.tensor(got["y"]), ref.flatten(), rtol=0, atol=1e-6)   # see assert_round_trip
+    # float64 on both sides, so loading at other memory alignments cannot matter (see tests/numerics.py)
+    want = run(float64_copy(pipe))
+    assert_close_rel(torch.tensor(got["y"], dtype=torch.float64).view_as(want), want, ROUND_TRIP_RTOL64)
 
 
 def test_pipeline_refuses_bad_input(tmp_path):
