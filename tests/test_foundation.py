@@ -149,6 +149,7 @@ def test_real_zoo_models_load():
 
 
 @pytest.mark.real
+@pytest.mark.numerics
 def test_real_gguf_to_safetensors_and_export_are_lossless(tmp_path, capsys):
     """The zoo's cached fp32 folder and `convert export` reproduce the GGUF-dequantized model exactly."""
     from transformers import AutoModelForCausalLM

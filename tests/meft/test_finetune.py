@@ -1,4 +1,6 @@
-"""docs-sections task, the fine-tuning loop and `hf-ext finetune meft` (tiny BERT + the real tokenizer)."""
+"""docs-sections task, the fine-tuning loop and `hf-ext finetune meft` (tiny BERT + the real tokenizer).
+
+Every test reads the Python docs (Debian's python3.11-doc) and MiniLM's tokenizer: offline real assets."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,25 @@ from conversion.cli import build_parser, main
 from hf_ext.meft.train import FinetuneConfig, FinetuneError, evaluate
 from hf_ext.tasks import DOCS_SECTIONS, load_task
 from hf_ext.zoo import resolve_model
+from numerics import TINY_FP32_ATOL
+
+pytestmark = pytest.mark.real
+
+
+def accuracy_bounds(model, tok, task, max_length):
+    """The accuracy an independent evaluation allows: predictions by hand, one unpadded paragraph at a time
+    (other shapes than ``evaluate``'s batches of 64), so logits agree with ``evaluate``'s to TINY_FP32_ATOL;
+    a paragraph whose top-2 logits are closer than twice that may go either way."""
+    sure = right = 0
+    with torch.no_grad():
+        for text, y in zip(task.texts, task.labels):
+            logits = model(**tok(text, truncation=True, max_length=max_length, return_tensors="pt")).logits[0]
+            top = logits.topk(2)
+            decided = float(top.values[0] - top.values[1]) > 2 * TINY_FP32_ATOL
+            sure += decided
+            right += decided and int(top.indices[0]) == y
+    n = len(task)
+    return right / n, (right + n - sure) / n
 
 
 def test_docs_sections_split_is_fixed_disjoint_and_labelled():
@@ -59,7 +80,7 @@ def test_cli_finetune_saves_an_adapter_that_reloads_exactly(tiny_bert_dir, tmp_p
                "--max-per-class", "8", "--max-length", "32", "--out", str(out), "--json"])
     assert rc == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["steps"] == 2 and result["train_examples"] == 64 and 0 <= result["accuracy"] <= 1
+    assert result["steps"] == 2 and result["train_examples"] == 64
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "hf_ext_report.json"} <= \
         {p.name for p in out.iterdir()}
     assert "--variant meft3" in (out / "README.md").read_text()
@@ -67,8 +88,12 @@ def test_cli_finetune_saves_an_adapter_that_reloads_exactly(tiny_bert_dir, tmp_p
     base = BertForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(DOCS_SECTIONS))
     model = PeftModel.from_pretrained(base, out)
     tok = AutoTokenizer.from_pretrained(out)
-    again = evaluate(model, tok, load_task("docs-sections", "eval"), max_length=32)
-    assert again["accuracy"] == result["accuracy"]          # the saved adapter + head are the trained ones
+    task = load_task("docs-sections", "eval")
+    lo, hi = accuracy_bounds(model.eval(), tok, task, max_length=32)
+    # the reported accuracy is the saved adapter + head's, computed independently (ties aside)
+    assert hi - lo < 0.01 and lo <= result["accuracy"] <= hi
+    # the same evaluation of the same weights runs the same kernels on the same values: bit for bit
+    assert evaluate(model, tok, task, max_length=32)["accuracy"] == result["accuracy"]
 
 
 def test_select_epoch_keeps_the_best_dev_epoch(tiny_bert_dir):
@@ -78,6 +103,7 @@ def test_select_epoch_keeps_the_best_dev_epoch(tiny_bert_dir):
     model, tok, result = finetune(cfg, progress=False)
     curve = result["dev_accuracy_per_epoch"]
     assert len(curve) == 3 and result["selected_epoch"] == 1 + curve.index(max(curve))
+    # the restored best epoch, evaluated as during training (same kernels, same values): bit for bit
     assert evaluate(model, tok, load_task("docs-sections", "dev"), max_length=32)["accuracy"] == max(curve)
 
 

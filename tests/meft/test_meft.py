@@ -24,6 +24,8 @@ from hf_ext.meft.model import MeftLayer
 from meft_checks import assert_monitor_bounds_the_gradient_error, rel
 from numerics import U32, assert_round_trip
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def tiny_bert(layers=3, dropout=0.1):
     torch.manual_seed(0)

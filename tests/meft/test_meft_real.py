@@ -13,7 +13,7 @@ from hf_ext.meft import MeftConfig
 from hf_ext.zoo import load_causal_lm, load_corpus, resolve_model
 from meft_checks import assert_monitor_bounds_the_gradient_error
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.numerics]
 
 
 def grads(pm, batch, reversible):

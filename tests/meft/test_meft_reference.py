@@ -21,6 +21,8 @@ from conftest import tiny_causal_lm
 from hf_ext.meft import MeftConfig
 from numerics import ROUND_TRIP_RTOL64, assert_close_rel
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 ENCODERS = ("bert", "roberta")
 
 

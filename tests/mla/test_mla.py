@@ -10,6 +10,8 @@ from helpers import run_without_hf_ext
 from numerics import (OPS_FP64_ATOL, ROUND_TRIP_RTOL64, TINY_FP32_ATOL, assert_close_rel, assert_greedy_agrees,
                       assert_round_trip, greedy)
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
 LOSSY = dict(kv_ratio=2, qk_rope_head_dim=4)  # tiny: 16 cached values vs the source's 32 (r = 12 on Llama)
 

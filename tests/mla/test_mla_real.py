@@ -11,6 +11,7 @@ from hf_ext.eval import perplexity, tokenize
 from hf_ext.mla import UpcycleConfig, upcycle_to_mla
 from hf_ext.zoo import load_causal_lm, load_corpus
 from helpers import run_without_hf_ext
+from numerics import REAL_FP32_RTOL, assert_close_rel, assert_greedy_agrees, greedy
 
 pytestmark = pytest.mark.real
 
@@ -20,15 +21,19 @@ def smollm2():
     return load_causal_lm("smollm2-135m")
 
 
+@pytest.mark.numerics
 def test_real_lossless_upcycle_reproduces_logits_and_greedy_tokens(smollm2):
     model, tok = smollm2
     mla, report = upcycle_to_mla(model, UpcycleConfig.lossless(model.config), progress=False)
     x = tokenize(tok, load_corpus("python-docs:eval"), 96)[None]
     with torch.no_grad():
-        assert (mla(x).logits - model(x).logits).abs().max().item() < 1e-4
+        want = model(x).logits
+        # equal up to fp32 rounding (bit for bit under this machine's AVX2 and no-SIMD kernels): tests/numerics.py
+        assert_close_rel(mla(x).logits, want, REAL_FP32_RTOL)
     prompt = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
-    assert torch.equal(mla.generate(prompt, max_new_tokens=10, do_sample=False),
-                       model.generate(prompt, max_new_tokens=10, do_sample=False))
+    atol = REAL_FP32_RTOL * float(want.abs().max())
+    assert_greedy_agrees(*greedy(mla, prompt, max_new_tokens=10), *greedy(model, prompt, max_new_tokens=10), atol,
+                         min_steps=8)
     assert report["kv_values_per_token"] == report["kv_values_per_token_source"] == 384
 
 
@@ -43,6 +48,8 @@ def test_real_default_init_beats_weight_svd_by_far(smollm2):
                                                  nope_rotation="none"), progress=False)
     p_ours = perplexity(ours, tok, ev, max_tokens=1024, progress=False)["ppl"]
     p_svd = perplexity(svd, tok, ev, max_tokens=1024, progress=False)["ppl"]
+    # README (4096 eval tokens): 124.6 vs 107955. The factor 10 is the claim "by far"; the default init's own
+    # quality is held to its measured value by test_real_cli_convert_mla_json_card_and_remote_code
     assert p_ours * 10 < p_svd
 
 
@@ -54,7 +61,10 @@ def test_real_cli_convert_mla_json_card_and_remote_code(tmp_path, capsys):
     assert r["kv_values_per_token_source"] == 384 and r["kv_values_per_token"] == 60
     assert r["kv_ratio"] == pytest.approx(6.4) and r["distill_tokens"] == 0
     assert r["kv_bytes_per_token_source"] / r["kv_bytes_per_token"] == pytest.approx(6.4)  # measured in generate
-    assert r["ppl_source"] < r["ppl_converted"] < 1000
+    # 227.45 vs the source's 20.52 here (a ratio of 11.09; the same to 1e-6 under no-SIMD kernels): the
+    # calibration is deterministic, so 5% covers other kernels. Weight-SVD keys and values (--kv-init svd)
+    # give 19754, i.e. a broken calibration fails by far.
+    assert r["ppl_source"] < r["ppl_converted"] < 1.05 * 11.09 * r["ppl_source"]
     card = (out / "README.md").read_text()
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "library_name: hf-ext" in card
     assert f"{r['ppl_converted']:.4g}" in card
@@ -76,4 +86,6 @@ def test_real_cli_convert_mla_json_card_and_remote_code(tmp_path, capsys):
     m = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     x = tok("def fibonacci(n):", return_tensors="pt", add_special_tokens=False)
+    # bit for bit: the same files through the same loader (transformers copies weights into fresh memory) and
+    # the same modeling code (the remote copy is modeling_mla.py itself), so the same kernels on the same values
     assert m.generate(**x, max_new_tokens=6, do_sample=False)[0].tolist() == got["tokens"]

@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from hf_ext.eval import tokenize
 from hf_ext.myopic import count_myopic_calls, enable_myopic, myopic_grads_naive
 from hf_ext.zoo import load_causal_lm, load_corpus
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.numerics]
 
 
 def grads_of(model, ids):
@@ -40,6 +41,9 @@ def test_real_smollm2_myopic_gradients():
     myopic = enable_myopic(copy.deepcopy(model))
     logits, g32 = grads_of(myopic, ids)
     assert count_myopic_calls(myopic) == model.config.num_hidden_layers
-    assert float((logits - logits_v).abs().max()) <= 1e-6               # the forward is eager's
-    assert rel(g32, ref64) < 1e-4                                        # fp32, every parameter
+    assert torch.equal(logits, logits_v)        # the forward is eager's bit for bit (tests/myopic/test_myopic.py)
+    # fp32, every parameter, against the float64 reference: fp32 backprop through 30 layers rounds like a
+    # random walk, ~sqrt(fan-in) U32 = 2.4e-6 per op (Higham and Mary); measured 6e-6 (the fp32 *reference*
+    # is 3e-5 off), so 1e-4 has >10x room, and a missing gradient term is > 0.1 (below)
+    assert rel(g32, ref64) < 1e-4
     assert rel(vanilla, ref64) > 0.1                                     # myopic gradients are not vanilla's
