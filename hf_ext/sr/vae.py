@@ -37,12 +37,13 @@ def _rebuilt(vae, cls=None, **config):
     """A ``cls`` (default: ``vae``'s class) built from ``vae``'s config with ``config`` changed, holding every
     weight of ``vae`` that it has (it must need no other)."""
     cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
-    out = (cls or type(vae)).from_config({**cfg, **config}).to(vae.device)
+    # cast before loading, so that a float64 VAE keeps its bits (loading into float32 would round them)
+    out = same_dtype((cls or type(vae)).from_config({**cfg, **config}).to(vae.device), vae)
     state = out.state_dict()
     missing = out.load_state_dict({k: v for k, v in vae.state_dict().items() if k in state}, strict=False).missing_keys
     if missing:
         raise RuntimeError(f"weights the new VAE needs but the original lacks: {missing}")
-    return same_dtype(out, vae).train(vae.training)
+    return out.train(vae.training)
 
 
 def same_dtype(module, like):
@@ -87,6 +88,6 @@ def to_sepconv_vae(vae, min_kernel: int = 3) -> SepConvAutoencoderKL:
     dense = _rebuilt(vae, type(vae))                                   # a copy, so ``vae`` stays untouched
     replace_with_sepconv(dense, min_kernel)
     cfg = {k: v for k, v in dense.config.items() if not k.startswith("_")}
-    out = SepConvAutoencoderKL.from_config({**cfg, "sepconv_min_kernel": min_kernel}).to(vae.device)
+    out = same_dtype(SepConvAutoencoderKL.from_config({**cfg, "sepconv_min_kernel": min_kernel}).to(vae.device), vae)
     out.load_state_dict(dense.state_dict())
-    return same_dtype(out, vae).train(vae.training)
+    return out.train(vae.training)

@@ -156,8 +156,8 @@ def prune_vae_channels(vae, width: int):
         raise ValueError(f"width={width}: give a first-block width in (0, {c0}] that scales every block width "
                          f"{tuple(vae.config.block_out_channels)} and the {groups} GroupNorm groups to whole numbers")
     cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}  # (keeps values set after init)
-    student = AutoencoderKL.from_config({**cfg, "block_out_channels": tuple(int(w) for w in widths),
-                                         "norm_num_groups": groups * width // c0}).to(vae.device)
+    student = same_dtype(AutoencoderKL.from_config({**cfg, "block_out_channels": tuple(int(w) for w in widths),
+                                                    "norm_num_groups": groups * width // c0}).to(vae.device), vae)
     big, small = channel_spaces(vae), channel_spaces(student)
     scores = channel_importance(vae, big)
     keep = [_keep(s, n, g).to(vae.device) for s, n, g in zip(scores, small.sizes, big.groups)]
@@ -173,5 +173,5 @@ def prune_vae_channels(vae, width: int):
             state[f"{name}.to_q.weight"] = state[f"{name}.to_q.weight"] * ratio
             if a.to_q.bias is not None:
                 state[f"{name}.to_q.bias"] = state[f"{name}.to_q.bias"] * ratio
-    student.load_state_dict(state)
-    return same_dtype(student, vae).train(vae.training)
+    student.load_state_dict(state)                                 # (in vae's dtype: float64 keeps its bits)
+    return student.train(vae.training)

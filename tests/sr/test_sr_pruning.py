@@ -56,4 +56,6 @@ def test_search_keeps_the_blocks_that_matter(num_layers, active, ec):
     with torch.no_grad():
         pruned = keep_blocks(teacher, keep)
         assert pruned.config.num_layers == len(active)
-        torch.testing.assert_close(pruned(zs[0]), batches[0][1], rtol=1e-5, atol=1e-5)
+        # bit for bit: an idle block adds 0 * (finite attention and MLP outputs) = exact zeros to both streams,
+        # and the kept blocks are the same computation on the same values and shapes
+        assert torch.equal(pruned(zs[0]), batches[0][1])
