@@ -9,9 +9,11 @@ At run time a diffusers ``ModelHook`` on the model reads the call's ``timestep``
 and maps it to table rows; a hook on each temporal module returns those rows instead of running it, so the
 time-embedding MLPs and the per-block modulation projections leave the hot path.
 
-Bit-identity: the table is computed in one batch of at least 16 rows, so it matches a denoiser batch of
-16+ rows bit for bit (x86 BLAS picks one kernel for all such batch sizes); a smaller batch makes the
-uncached model itself round its temporal features differently in the last bit.
+Exactness: a cached feature is the bits the model computed for that step when the table was built, in one
+batch of at least 16 rows. The uncached model computes the same feature in the denoiser's batch, and a BLAS
+may sum a batch of another size in another order, so cached and uncached samples agree to float32 rounding
+(a few ulps; tests bound it), not always bit for bit: they did on this machine's default MKL path for 16+
+rows, and not under ``MKL_CBWR=COMPATIBLE``.
 
 Example:
     >>> from diffusers import DDIMScheduler

@@ -29,4 +29,7 @@ def test_cache_based_tfmq_beats_naive_ptq_at_w4a8():
         got = traj(5, 16)
         remove_tfmq(model)
         psnr[name] = float(10 * torch.log10(4 / ((got - ref) ** 2).mean()))
-    assert psnr["tfmq"] > psnr["naive"] + 1.0, psnr
+    # measured here: TFMQ 21.7 dB vs naive 16.3 dB (+5.5). Spread: calibration seeds 0-1 move the gap by 0.1 dB;
+    # measurement seeds 5-7 give +5.5 to +9.9. The benchmark (64 samples, 35 steps) gives +4.3 dB. 3 dB stays
+    # below all of them; quantizing the temporal layers instead of caching them (finite-set PTQ) gives about +0
+    assert psnr["tfmq"] > psnr["naive"] + 3.0, psnr
