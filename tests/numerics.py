@@ -69,7 +69,7 @@ def gamma(n: int, u: float = U32) -> float:
 
 def max_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|, in float64: an error relative to the output's scale."""
-    got, want = got.double(), want.double()
+    got, want = got.detach().double(), want.detach().double()
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 

@@ -1,4 +1,9 @@
-"""hf_ext.data writers on real inputs (tokenizer, photos), `hf-ext data`, HF datasets, litdata, 2 ranks."""
+"""hf_ext.data writers on real inputs (tokenizer, photos), `hf-ext data`, HF datasets, litdata, 2 ranks.
+
+Every comparison here is data movement (tokens and pixels written to shards and read back, copied by litdata,
+converted to and from HF datasets, PNG being lossless) or integer bookkeeping, so ``torch.equal`` /
+``np.array_equal`` are exact on every machine (tests/numerics.py, kind 1).
+"""
 from __future__ import annotations
 
 import json
@@ -22,6 +27,9 @@ from hf_ext.data.sources import load_image, token_dtype
 from hf_ext.zoo import corpus_files, real_images, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# SmolLM2's tokenizer, python3.11-doc text (python-docs:*) and scikit-image's photos: the offline real assets
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +164,8 @@ def test_hf_datasets_both_ways(tmp_path, docs):
 
 
 def test_fetch_store_through_litdata(tmp_path, docs):
-    pytest.importorskip("litdata")
+    import litdata  # noqa: F401  (a dev dependency: the test must fail, not skip, without it)
+
     write_token_windows(docs[:2], "smollm2-135m", 64, tmp_path / "remote", shard_records=30, progress=False)
     local = fetch_store(str(tmp_path / "remote"), tmp_path / "cache")
     a, b = ShardedDataset(tmp_path / "remote"), ShardedDataset(local)

@@ -1,4 +1,9 @@
-"""hf_ext.data: the shard format, stores, orders and the loader (round trips, coverage, resume, bad input)."""
+"""hf_ext.data: the shard format, stores, orders and the loader (round trips, coverage, resume, bad input).
+
+Everything compared here is data movement (rows written to shards and read back, gathered in any order,
+widened from uint16) or integer bookkeeping (indices, counts, offsets), so ``torch.equal`` and exact integer
+comparisons hold bit for bit on every machine (tests/numerics.py, kind 1); no arithmetic is involved.
+"""
 from __future__ import annotations
 
 import struct

@@ -1,11 +1,19 @@
-"""PreGatedMoEForCausalLM: conversion exact at full masks, generation, save/load and remote code."""
+"""PreGatedMoEForCausalLM: conversion exact at full masks, generation, save/load and remote code.
+
+Tolerances (tests/numerics.py): a lossless conversion and its source, or a cache and a recompute, in float32
+on the tiny model agree within TINY_FP32_ATOL; the expert-cache tests run in float64, since experts read back
+from a safetensors file sit at other memory offsets (other SIMD paths, see numerics.py) and in float64 that
+reordering stays within ROUND_TRIP_RTOL64. Expert ids are argmaxes: they are compared bit for bit only when
+they come from the same computation, or where the router's top-2 gap is far above the logits' tolerance.
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_causal_lm
 from helpers import run_without_hf_ext
-from numerics import ROUND_TRIP_RTOL64, assert_close_rel, assert_round_trip, min_top2_gap
+from numerics import (ROUND_TRIP_RTOL64, TINY_FP32_ATOL, assert_close_rel, assert_greedy_agrees, assert_round_trip,
+                      greedy, min_top2_gap)
 
 from hf_ext.moe import MoEError, PreGatedMoEForCausalLM, activation_stats, convert_to_pregated_moe, expert_masks
 
@@ -26,7 +34,8 @@ def _moe(family="llama", top_p=0.5, experts=4):
 def test_full_masks_reproduce_the_dense_model(family):
     dense, moe = _moe(family, top_p=1.0)
     x = _batches(1)[0]["input_ids"]
-    torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=1e-4, rtol=1e-4)
+    # lossless in exact arithmetic: the shared and routed slices sum the same 64 neurons in another order
+    torch.testing.assert_close(moe(x).logits, dense(x).logits, atol=TINY_FP32_ATOL, rtol=0)
     assert moe.config.active_mlp_fraction == 1.0
 
 
@@ -38,12 +47,16 @@ def test_routing_is_decided_from_token_ids_and_generation_matches_recompute():
     ids = moe.route(x)
     assert ids.shape == x.shape and int(ids.max()) < 4
     moe(x)
-    assert all(torch.equal(layer.mlp.expert_ids, ids) for layer in moe.model.layers)   # one expert, every layer
-    out = moe.generate(x, max_new_tokens=5, do_sample=False)
-    seq = x
-    for _ in range(5):
-        seq = torch.cat([seq, moe(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    # one expert, every layer; the forward's router call is route()'s computation on the same ids: bit-exact
+    assert all(torch.equal(layer.mlp.expert_ids, ids) for layer in moe.model.layers)
+    cached_logits, cached = greedy(moe, x, max_new_tokens=5)
+    seq, logits = x, []
+    for _ in range(5):                                                # recompute the whole prefix every step
+        logits.append(moe(seq).logits[:, -1])
+        seq = torch.cat([seq, logits[-1].argmax(-1, keepdim=True)], 1)
+    # a KV cache and a recompute, equal in exact arithmetic; the router reads the whole prefix on both paths.
+    # The smallest top-2 gap is 1e-3 (measured), so all 5 steps are decidable at 2 x TINY_FP32_ATOL
+    assert_greedy_agrees(cached_logits, cached, logits, seq[:, x.shape[1]:], atol=TINY_FP32_ATOL, min_steps=5)
 
 
 def test_save_load_round_trip_and_remote_code(tmp_path):
@@ -93,7 +106,8 @@ def test_router_training_learns_the_overlap_targets():
     before = target_accuracy(moe, batches, scores)
     r = train_router(moe, batches, scores, epochs=30, lr=3e-3, progress=False)
     after = target_accuracy(moe, batches, scores)
-    assert after > max(0.9, before), (before, after, r["loss_curve"][-1])
+    # measured (seeds 0-2): 0.25-0.28 untrained (the majority target's share is 0.33-0.35), 1.0 trained
+    assert after > max(0.95, before), (before, after, r["loss_curve"][-1])
 
 
 @pytest.mark.parametrize("policy", ["lru", "belady"])
@@ -103,11 +117,18 @@ def test_offloaded_experts_give_the_same_logits_and_the_simulated_hits(tmp_path,
     from hf_ext.moe.policy import hits
 
     _, moe = _moe(top_p=0.5)
+    moe = moe.double()                                             # float64: see the module docstring
     x = _batches(1)[0]["input_ids"][:1]                                               # one stream
     ref = moe(x).logits
+    experts = [(m.routed_in.clone(), m.routed_out.clone()) for m in (layer.mlp for layer in moe.model.layers)]
     cache = ExpertCache.offload(moe, tmp_path, capacity=2, policy=policy)
     assert moe.model.layers[0].mlp.routed_in.numel() == 0 and (tmp_path / "experts.safetensors").exists()
-    assert torch.equal(moe(x).logits, ref)
+    # the same experts (the router runs unchanged, so the same routing): float64 summation order only
+    assert_close_rel(moe(x).logits, ref, ROUND_TRIP_RTOL64)
+    for layer, (w_in, w_out) in enumerate(experts):                 # served bit for bit: data movement
+        for d in range(4):
+            got = cache.get(layer, d, count=False)
+            assert torch.equal(got[0], w_in[d]) and torch.equal(got[1], w_out[d]), (layer, d)
     trace = [int(e) for e in torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(1))]
     cache.hits = cache.misses = 0
     for layer in cache.resident:
@@ -131,14 +152,20 @@ def test_host_store_serves_experts_from_ram_without_reading_the_file(tmp_path):
     from hf_ext.moe.cache import ExpertCache
 
     _, moe = _moe(top_p=0.5)
+    moe = moe.double()                                             # float64: see the module docstring
     x = _batches(1)[0]["input_ids"][:2]
     ref = moe(x).logits
+    experts = [(m.routed_in.clone(), m.routed_out.clone()) for m in (layer.mlp for layer in moe.model.layers)]
     cache = ExpertCache.offload(moe, tmp_path, capacity=1, policy="lru", store="host")
+    host = cache.host                                                  # data movement: bit for bit
+    assert all(torch.equal(host[f"{layer}.{d}.in"], w_in[d]) and torch.equal(host[f"{layer}.{d}.out"], w_out[d])
+               for layer, (w_in, w_out) in enumerate(experts) for d in range(4))
 
     def no_reads(key):
         raise AssertionError(f"read {key} from disk")
     cache.file = type("NoFile", (), {"get_tensor": staticmethod(no_reads), "keys": lambda self: []})()
-    assert torch.equal(moe(x).logits, ref) and cache.misses > 0
+    assert_close_rel(moe(x).logits, ref, ROUND_TRIP_RTOL64)        # float64 summation order only
+    assert cache.misses > 0
     assert all(len(layer) == 1 for layer in cache.resident)
     assert cache.resident_bytes == sum(cache.host[f"{l}.{d}.{w}"].nbytes for l, layer in enumerate(cache.resident)
                                        for d in layer for w in ("in", "out"))
@@ -158,13 +185,14 @@ def test_expert_finetuning_moves_the_moe_toward_the_dense_model():
     before = kl()
     router_before = [p.clone() for p in moe.router.parameters()]
     log = finetune_experts(moe, dense, batches, epochs=10, lr=3e-3, progress=False)
-    assert kl() < 0.5 * before, (before, kl(), log["loss_curve"][-1])
+    assert kl() < 0.3 * before, (before, kl(), log["loss_curve"][-1])   # measured 0.08-0.12 (seeds 0-2); lr 0: 1
     assert all(torch.equal(a, b) for a, b in zip(router_before, moe.router.parameters()))   # only experts trained
 
 
 @torch.no_grad()
 def test_left_padded_batches_route_like_each_sequence_alone():
     _, moe = _moe(top_p=0.5)
+    moe = moe.double()     # float64: batched and alone are other shapes, so other summation orders
     with torch.no_grad():
         for p in moe.router.parameters():
             p.normal_(0, 0.5)                                     # a router with opinions
@@ -172,8 +200,16 @@ def test_left_padded_batches_route_like_each_sequence_alone():
     short, long = torch.randint(1, 128, (1, 5), generator=g), torch.randint(1, 128, (1, 9), generator=g)
     ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])       # left padding
     mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1), torch.ones(1, 9)]).long()
+    batched, alone = moe.router(ids, mask), [moe.router(short)[0], moe.router(long)[0]]
+    # equal in exact arithmetic (the pads' attention weights are exactly 0): float64 summation order only
+    assert_close_rel(batched[0, 4:], alone[0], ROUND_TRIP_RTOL64)
+    assert_close_rel(batched[1], alone[1], ROUND_TRIP_RTOL64)
+    # so the argmaxes agree wherever the top-2 gap exceeds that tolerance twice over: everywhere here
+    scale = float(torch.cat([alone[0], alone[1]]).abs().max())
+    assert min_top2_gap([alone[0], alone[1]]) > 2 * ROUND_TRIP_RTOL64 * scale
     routed = moe.route(ids, mask)
     assert torch.equal(routed[0, 4:], moe.route(short)[0]) and torch.equal(routed[1], moe.route(long)[0])
     assert not torch.equal(moe.route(ids)[0, 4:], moe.route(short)[0])   # without the mask, pads shift it
     out = moe(ids, attention_mask=mask)
-    torch.testing.assert_close(out.logits[0, 4:], moe(short).logits[0], atol=1e-4, rtol=1e-4)
+    # the same experts (above) and the pads masked out: the logits agree up to float64 summation order
+    assert_close_rel(out.logits[0, 4:], moe(short).logits[0], ROUND_TRIP_RTOL64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import ROUND_TRIP_RTOL64, assert_close_rel
 
 from hf_ext.moe import activation_stats, expert_masks
 from hf_ext.moe.experts import moefy, set_experts
@@ -23,14 +24,18 @@ def test_smollm2_experts_from_domain_labels():
         batches.append(dict(tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)))
         labels.append(torch.full((len(texts),), c))
     probe = dict(tok(["The import statement combines two operations."], return_tensors="pt"))
-    dense = model(**probe).logits
     stats = activation_stats(model, batches, clusters=4, labels=labels)
     assert stats.tokens.min() > 0 and stats.abs_sum.shape == (30, 4, 1536)
     half = expert_masks(stats, top_p=0.5)
     assert half.active_fraction == 0.5 and all(r.shape == (4, 768 - len(s)) for s, r in zip(half.shared, half.routed))
+    model.double()     # float64, so that the comparison below is tight on every machine
+    dense = model(**probe).logits
     mlps = moefy(model, expert_masks(stats, top_p=1.0))
     set_experts(mlps, torch.zeros_like(probe["input_ids"]))
-    torch.testing.assert_close(model(**probe).logits, dense, atol=1e-4, rtol=1e-4)
+    # lossless in exact arithmetic: each MLP's 1536 products are summed in another order (shared, then routed);
+    # in float64 that moves the logits by ~n U64 per sum, within ROUND_TRIP_RTOL64 of their scale after 30
+    # layers (tests/numerics.py); one neuron dropped per layer moves them by 2.7e-2 of their scale (measured)
+    assert_close_rel(model(**probe).logits, dense, ROUND_TRIP_RTOL64)
 
 
 def test_cli_convert_moe_on_smollm2(tmp_path, capsys):
@@ -43,7 +48,15 @@ def test_cli_convert_moe_on_smollm2(tmp_path, capsys):
                  "--calib-tokens", "1024", "--train-tokens", "1024", "--router-epochs", "2", "--max-tokens", "512",
                  "--window", "256", "--out", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["active_mlp_fraction"] == 0.5 and r["experts"] == 4 and r["ppl_converted"] > r["ppl_source"] > 1
+    assert r["active_mlp_fraction"] == 0.5 and r["experts"] == 4 and r["ppl_source"] > 1
+    # Half of every MLP, 2 router epochs on 1024 tokens. ppl_converted / ppl_source measured 6.85 here (source
+    # 21.9 on these 512 tokens), 6.45-7.94 with the calibration and router text taken 100k, 200k and 300k
+    # characters further on. Broken: an untrained router 10.2, a random one 16.6, masks of random neurons
+    # 3923, experts sliced one row off their masks 2355; so < 9 (above every measured window, below all of them).
+    assert 1 < r["ppl_converted"] / r["ppl_source"] < 9.0, r
+    # the router's target accuracy on its training tokens: measured 0.70-0.85 trained (the four windows),
+    # 0.28 for an untrained or a random router (about the majority target's share)
+    assert r["router_target_accuracy"] > 0.5, r
     assert {"config.json", "model.safetensors", "modeling_pregated_moe.py", "README.md"} <= {p.name for p in out.iterdir()}
     assert main(["convert", "moe", "--top-p", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert "--top-p 1.5 must lie in (0, 1]" in capsys.readouterr().err and not (tmp_path / "x").exists()

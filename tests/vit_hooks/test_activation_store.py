@@ -1,4 +1,10 @@
-"""Activation stores: exact rows, CLS-only, resume after an interruption, CLI, bad input."""
+"""Activation stores: exact rows, CLS-only, resume after an interruption, CLI, bad input.
+
+The stored rows are compared bit for bit (``torch.equal``) with the hooked activations: storing is data
+movement, and the reference runs the same model on the same batches (same shapes, fresh memory), which is
+the same computation (tests/numerics.py, kind 1). The images are synthetic PNGs, so only the CLI test needs
+real assets (MiniLM and python3.11-doc text).
+"""
 from __future__ import annotations
 
 import json
@@ -11,7 +17,6 @@ from conversion.cli import main
 from hf_ext.data import ShardedDataset
 from hf_ext.vit_hooks import HookedVision, HookError
 from hf_ext.vit_hooks.store import cache_activations, image_batches
-from hf_ext.zoo import real_images
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -23,8 +28,23 @@ def vit():
                              embed_dim=32, num_heads=4).eval()
 
 
-def test_rows_are_the_hooked_activations(vit, tmp_path):
-    files = real_images()[:5]
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Six smooth random RGB and grey images of assorted sizes (resized and centre-cropped to 32 by the store)."""
+    from PIL import Image
+
+    d, g, files = tmp_path_factory.mktemp("photos"), torch.Generator().manual_seed(0), []
+    for i, (w, h) in enumerate([(64, 48), (40, 40), (50, 90), (33, 70), (128, 64), (36, 36)]):
+        small = torch.rand(3, 6, 6, generator=g)[None]
+        px = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        px = ((px + 0.1 * torch.rand(3, h, w, generator=g)).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        files.append(d / f"img{i}.png")
+        Image.fromarray(px if i % 3 else px[..., 0]).save(files[-1])       # every third one in greyscale
+    return files
+
+
+def test_rows_are_the_hooked_activations(vit, tmp_path, photos):
+    files = photos[:5]
     hv = HookedVision(vit)
     index = cache_activations(hv, HOOK, image_batches(files, 32, batch_size=2), tmp_path / "all", sources=files,
                               shard_records=30, progress=False)
@@ -41,8 +61,8 @@ def test_rows_are_the_hooked_activations(vit, tmp_path):
     assert cls.dtype == torch.bfloat16 and torch.equal(cls, cache[HOOK][:, 0].bfloat16())
 
 
-def test_interrupted_caching_resumes_to_the_same_store(vit, tmp_path):
-    files = real_images()[:6]
+def test_interrupted_caching_resumes_to_the_same_store(vit, tmp_path, photos):
+    files = photos[:6]
     hv = HookedVision(vit)
 
     def flaky(n_ok):
@@ -81,8 +101,8 @@ def test_real_cli_caches_minilm_tokens(tmp_path, capsys):
     assert "holds no images" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-def test_append_more_images_equals_caching_them_all(vit, tmp_path):
-    files, hv = real_images()[:6], HookedVision(vit)
+def test_append_more_images_equals_caching_them_all(vit, tmp_path, photos):
+    files, hv = photos[:6], HookedVision(vit)
     # batches of 3 both times: CPU GEMM kernels may differ in the last bits across batch sizes
     cache_activations(hv, HOOK, image_batches(files, 32, batch_size=3), tmp_path / "all", sources=files,
                       progress=False)

@@ -38,6 +38,20 @@ def sparse_rows(n=ROWS, seed=0) -> torch.Tensor:
     return codes @ atoms + 0.5                                                  # (n, 32)
 
 
+@torch.no_grad()
+def metrics_by_hand(sae, x: torch.Tensor) -> dict:
+    """evaluate_sae's figures from their definitions, independently: EV = 1 - ||x - x_hat||^2 / ||x - mean(x)||^2
+    summed over all rows and dims (the variance centred on the rows' mean), L0 = mean nonzero latents per row,
+    dead = share of latents that never fire, MSE per element. The SAE's float32 outputs, summed in float64."""
+    f = sae.encode(x)                                                           # (N, d_sae)
+    x_hat = sae.decode(f).double()
+    xd = x.double()
+    sse = float(((x_hat - xd) ** 2).sum())
+    sst = float(((xd - xd.mean(0)) ** 2).sum())
+    return {"explained_variance": 1 - sse / sst, "l0": (f != 0).sum().item() / len(x),
+            "dead_fraction": (~(f != 0).any(0)).sum().item() / f.shape[1], "mse": sse / x.numel()}
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matmuls: one intra-op thread is many times faster than two fighting over a busy machine."""
@@ -55,28 +69,43 @@ def store(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("arch,kw", [("standard", dict(l1_coefficient=0.3)), ("topk", dict(k=4)),
-                                     ("jumprelu", dict(l0_coefficient=0.1))])
-def test_each_architecture_learns_the_sparse_dictionary(store, arch, kw):
+# Seeds 0-4 (SAETrainConfig.seed) measured EV 0.925-0.932 / L0 11.0-20.4 (standard), 0.916-0.930 / 4 (topk),
+# 0.905-0.921 / 3.3-7.7 (jumprelu). Without the sparsity penalty (l1 or l0 coefficient 0) L0 is 74-75 at EV 0.997,
+# so the L0 bounds are what catches a penalty that does nothing; EV > 0.88 sits ~4 spreads below the lowest seed.
+@pytest.mark.parametrize("arch,kw,max_l0", [("standard", dict(l1_coefficient=0.3), 30), ("topk", dict(k=4), 4),
+                                            ("jumprelu", dict(l0_coefficient=0.1), 12)])
+def test_each_architecture_learns_the_sparse_dictionary(store, arch, kw, max_l0):
     sae, log = train_sae(store, SAEConfig(D_IN, 128, arch, **kw), SAETrainConfig(total_rows=256 * 400, **FAST),
                          progress=False)
     ev = log["eval"]
-    assert ev["explained_variance"] > 0.9, ev
-    assert ev["l0"] < 12 and log["steps"] == 400 and log["rows"] == 400 * 256
+    assert ev["explained_variance"] > 0.88 and ev["l0"] <= max_l0, ev          # measured spread: see above
+    assert log["steps"] == 400 and log["rows"] == 400 * 256
     held = ShardedDataset(store).__getitems__(np.arange(0, ROWS, 20))["activations"]  # (410, 32)
-    again = evaluate_sae(sae, held)  # the same rows as a tensor give the same figures
-    assert again["rows"] == ev["rows"] == 410 and abs(again["explained_variance"] - ev["explained_variance"]) < 1e-6
+    want = metrics_by_hand(sae, held)
+    got = evaluate_sae(sae, held)     # one chunk of these very rows: its encode/decode are want's, bit for bit
+    # integer counts over 410 rows and 128 latents: the same bits whatever the float summation
+    assert got["rows"] == 410 and got["l0"] == want["l0"] and got["dead_fraction"] == want["dead_fraction"]
+    # the same float32 reconstructions on both sides; only the float64 sums differ in order, by ~1e-15 relative
+    assert abs(got["explained_variance"] - want["explained_variance"]) < 1e-9, (got, want)
+    assert abs(got["mse"] - want["mse"]) < 1e-9 * want["mse"], (got, want)
+    # train_sae's final eval read the held-out rows from the store in chunks of 256, so its float32 GEMMs had
+    # other shapes: reconstructions move by <= 2 gamma(128) ~ 1.5e-5 of their scale (EV by < 1e-4), and a
+    # pre-activation within rounding of 0 / the threshold may flip a latent (1/410 of L0 each). Reading other
+    # records than the held-out ones moves EV by ~1e-2 and L0 by ~0.1 (measured: an off-by-one record read).
+    assert ev["rows"] == 410 and abs(ev["explained_variance"] - want["explained_variance"]) < 1e-3, (ev, want)
+    assert abs(ev["l0"] - want["l0"]) <= 3 / 410, (ev, want)
     if arch == "topk":  # at most k latents per row, exactly (ReLU after top-k can only lower it)
         assert int((sae.encode(held) != 0).sum(-1).max()) <= 4
-    # decoder rows were unit norm in the scaled space; folding the input scale divides them by it
+    # decoder rows were unit norm in the scaled space; folding the input scale divides them by it: one float32
+    # division and a norm over 32 elements, so within ~gamma(34) = 2e-6 relative; 1e-4 has room
     norms = sae.W_dec.norm(dim=1)
-    assert torch.allclose(norms, torch.full_like(norms, 1 / log["activation_scale"]), rtol=1e-4)
+    assert torch.allclose(norms, torch.full_like(norms, 1 / log["activation_scale"]), rtol=1e-4, atol=0)
 
 
 def test_standard_l0_falls_as_l1_coefficient_rises(store):
     l0 = [train_sae(store, SAEConfig(D_IN, 128, l1_coefficient=c), SAETrainConfig(total_rows=256 * 200, **FAST),
                     progress=False)[1]["eval"]["l0"] for c in (0.1, 1.0)]
-    assert l0[1] < 0.7 * l0[0], l0
+    assert l0[1] < 0.4 * l0[0], l0  # measured 0.22-0.25 over seeds 0-3; an ignored coefficient gives ~1
 
 
 def test_topk_l0_is_at_most_k_untrained():
@@ -93,16 +122,23 @@ def test_jumprelu_threshold_gradient_is_the_rectangle_pseudo_derivative():
     z = torch.tensor([[0.52, 0.9], [0.49, 0.2]])  # latent 0: both within eps/2 of theta; latent 1: neither
     sae.activate(sae.pre_acts(z)).sum().backward()
     # d/dtheta sum JumpReLU = sum over rows of -(theta/eps) K((z - theta)/eps) = -(0.5/0.05) * 2 = -20
+    # -20 from one float32 division and a sum of two terms: a few ulps of 20, inside allclose's rtol 1e-5
     assert torch.allclose(sae.threshold.grad, torch.tensor([-20.0, 0.0]))
-    assert torch.allclose(sae.activate(sae.pre_acts(z)), torch.tensor([[0.52, 0.9], [0.0, 0.0]]))
+    # the identity encoder multiplies by 1 and 0 and adds zeros: z passes through exactly
+    assert torch.equal(sae.activate(sae.pre_acts(z)), torch.tensor([[0.52, 0.9], [0.0, 0.0]]))
 
 
 def test_geometric_median_matches_naive_and_ignores_outliers():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(60, 5, generator=g, dtype=torch.float64)
     fast, slow = geometric_median(x), geometric_median_naive(x)
-    assert torch.allclose(fast, slow, atol=1e-5)
+    # two iterative optimisers of the same strictly convex cost, each stopped by its own tolerance (Weiszfeld:
+    # steps <= 1e-9, L-BFGS: gradient <= 1e-12): measured 2e-8 apart; 1e-5 is convergence slack, float64
+    # roundoff is ~1e-14, and the mean (what a broken iteration returns) is 5e-2 away on these rows
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0)
     cost = lambda y: float((x - y).norm(dim=1).sum())  # noqa: E731
+    # the cost (~124, 60 float64 norms) rounds at ~1e-12; Weiszfeld is at least as good as L-BFGS, and the
+    # median beats the mean by far more than 1e-3 (measured 0.11)
     assert cost(fast) <= cost(slow) + 1e-9 and cost(fast) < cost(x.mean(0)) - 1e-3
     centre = torch.full((5,), 3.0, dtype=torch.float64)
     dirty = torch.cat([centre + 0.1 * torch.randn(95, 5, generator=g, dtype=torch.float64),
@@ -126,8 +162,9 @@ def test_resampling_revives_dead_latents_and_resets_their_adam_state():
     assert resample_dead_latents(sae, dead, x, opt, torch.Generator().manual_seed(0)) == 32
     assert evaluate_sae(sae, x)["dead_fraction"] < 0.1
     assert torch.equal(sae.W_enc[:, 32:], live_enc)  # live latents untouched
+    # unit directions normalised in float32: the norm is 1 within ~gamma(32) = 2e-6, inside allclose's 1e-5
     assert torch.allclose(sae.W_dec[:32].norm(dim=1), torch.ones(32))
-    st = opt.state[sae.W_enc]
+    st = opt.state[sae.W_enc]  # zeroed moments are exactly 0; trained ones are not
     assert st["exp_avg"][:, :32].abs().sum() == 0 and st["exp_avg_sq"][:, :32].abs().sum() == 0
     assert st["exp_avg"][:, 32:].abs().sum() > 0
 
@@ -144,7 +181,8 @@ def test_train_sae_resamples_forced_dead_latents(store):
     off, on = run(0), run(50)
     assert off["resampled"] == 0 and off["eval"]["dead_fraction"] >= 0.5
     assert on["resampled"] == 32 and on["eval"]["dead_fraction"] < 0.1
-    assert on["eval"]["explained_variance"] > off["eval"]["explained_variance"] + 0.03
+    # measured gains 0.074-0.085 (seeds 0-3); without resampling, none
+    assert on["eval"]["explained_variance"] > off["eval"]["explained_variance"] + 0.05
 
 
 @pytest.mark.parametrize("arch,dtype", [("standard", "float32"), ("topk", "float32"), ("jumprelu", "float32"),
@@ -294,4 +332,6 @@ def test_train_sae_under_ddp_two_cpu_processes(store, tmp_path):
     rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", r.stdout)]  # the ranks' prints may interleave
     assert sorted(x["rank"] for x in rows) == [0, 1] and all(x["n"] == 2 and x["steps"] == 60 for x in rows)
     assert rows[0]["resampled"] == rows[1]["resampled"] >= 32
+    # both replicas apply the same all-reduced gradient, so they stay equal; 1e-6 on sums of ~4200 weights is
+    # far below what one diverged Adam step (lr 3e-3 per weight) or a missed resample would move them
     assert rows[0]["w"] == pytest.approx(rows[1]["w"], abs=1e-6)
