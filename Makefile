@@ -27,14 +27,15 @@ demo: install
 	$(HFEXT) convert mla --model smollm2-135m --kv-ratio 6.4 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
 
 # The whole suite, with every offline asset unreadable to tests not marked `real` (tests/conftest.py); then the
-# numerics-sensitive tests again under the other SIMD kernels of this CPU (AVX512 -> AVX2, AVX2 -> none), so a
+# numerics-sensitive tests again under the other SIMD kernels of this CPU (AVX512 -> AVX2, AVX2 -> none) and MKL's
+# most conservative code path (MKL_CBWR=COMPATIBLE), so a
 # tolerance that only one machine's rounding meets fails here too (tests/numerics.py).
 OTHER_CAPABILITY = $(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')"
 
 test: install
 	HF_EXT_TEST_WITHOUT_ASSETS=1 $(PY) -m pytest -q -p no:cacheprovider tests
-	cap=$$($(OTHER_CAPABILITY)) && echo "numerics tests under ATEN_CPU_CAPABILITY=$$cap" && \
-	  ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider -m numerics tests
+	cap=$$($(OTHER_CAPABILITY)) && echo "numerics tests under ATEN_CPU_CAPABILITY=$$cap MKL_CBWR=COMPATIBLE" && \
+	  ATEN_CPU_CAPABILITY=$$cap MKL_CBWR=COMPATIBLE $(PY) -m pytest -q -p no:cacheprovider -m numerics tests
 
 bench: install
 	$(PY) benchmarks/run_all.py

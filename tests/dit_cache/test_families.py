@@ -9,6 +9,8 @@ from hf_ext.dit_cache import (ICCConfig, ICCError, apply_icc_cache, compute_fact
                               load_factors, remove_icc_cache, save_factors)
 from numerics import assert_close_rel
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def _g():
     return torch.Generator().manual_seed(1)

@@ -9,6 +9,8 @@ from hf_ext.dit_cache import ICCConfig, ICCError, apply_icc_cache, calibrate, ic
 from hf_ext.dit_cache.ops import ca_svd_factors, icc_step, icc_step_naive, icc_step_projected, svd_factors
 from numerics import U32, assert_close_rel, gamma
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 class Block(torch.nn.Module):
     def __init__(self):

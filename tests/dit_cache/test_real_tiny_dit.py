@@ -10,7 +10,7 @@ from hf_ext.dit_cache import ICCConfig, apply_icc_cache, calibrate, icc_state, r
 from hf_ext.dit_cache.calibration import ddim_trajectory
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_dit"
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.numerics]
 
 
 @pytest.fixture(scope="module")

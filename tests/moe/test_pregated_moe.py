@@ -17,6 +17,8 @@ from numerics import (ROUND_TRIP_RTOL64, TINY_FP32_ATOL, assert_close_rel, asser
 
 from hf_ext.moe import MoEError, PreGatedMoEForCausalLM, activation_stats, convert_to_pregated_moe, expert_masks
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def _batches(n=3):
     g = torch.Generator().manual_seed(0)

@@ -12,6 +12,8 @@ from hf_ext.moe import MoEError, activation_stats, expert_masks, hits, optimal_h
 from hf_ext.moe.experts import moefy, set_experts
 from hf_ext.moe.extract import ActivationStats, kmeans, mlp_kind, router_targets
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def _batches(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -10,6 +10,8 @@ from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, keep_bloc
 from hf_ext.sr.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
 from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def tiny_transformer(layers=3):
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
 from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.numerics]
 
 
 def load(name):

@@ -10,6 +10,8 @@ from hf_ext.dit_cache.macs import count_macs
 from hf_ext.temporal import TemporalError, TemporalFeatureCache, apply_temporal_cache, find_tib, remove_temporal_cache
 from numerics import assert_close_rel
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 B = 16   # denoiser batch rows: on this machine's MKL the table matches the uncached model bit for bit from 16 rows
 
 # Samples with table lookups vs computed temporal features. The table is computed in one batch of S x L rows,

@@ -14,6 +14,8 @@ from hf_ext.temporal.ops import (act_qparams, fake_quant_act, fake_quant_act_nai
                                  fake_quant_weight_naive)
 from hf_ext.temporal.quant import QUANT_HOOK, TFMQConfig, quantize_tfmq, quantize_torchao, remove_tfmq
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 
 def test_ops_match_naive_references():
     g = torch.Generator().manual_seed(0)

@@ -20,6 +20,8 @@ from numerics import TINY_FP32_ATOL, U32
 
 from hf_ext.vit_hooks import HookedVision, HookError
 
+pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
+
 V = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
 TIMM = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4, num_classes=10)
 
