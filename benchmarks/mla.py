@@ -61,7 +61,7 @@ def load(args):
         tok = AutoTokenizer.from_pretrained(path)
         data = {"calib": tokenize(tok, load_corpus("python-docs:train"), args.calib_tokens),
                 "train": tokenize(tok, load_corpus("python-docs:train"), args.distill_tokens + 65536),
-                "eval": tokenize(tok, load_corpus("python-docs:eval"), args.eval_tokens)}
+                "eval": tokenize(tok, load_corpus("python-docs:eval"), args.eval_tokens), "tokenizer": tok}
     if args.random_init:  # speed and memory do not depend on weight values: real shapes, random weights
         from transformers import AutoConfig
 
@@ -138,6 +138,41 @@ def section_distill(src, data, args, device):
             "rows": rows}
 
 
+def section_deepseek(src, data, args, device):
+    """What the DeepSeek-V3 form costs at 6.4x, each constraint on its own, then after distillation."""
+    from hf_ext.mla import save_deepseek_v3
+
+    cases = {
+        "hf-ext default (free RoPE pairs, no latent norms)": dict(),
+        "+ geometric RoPE pairs (every c-th frequency)": dict(rope_selection="geometric"),
+        "+ latent norms and query latent, eps init (DeepSeek form, identity norm)": dict(
+            target="deepseek_v3", latent_norm_init="eps"),
+        "+ latent norms and query latent, gain init (DeepSeek form, active norm)": dict(target="deepseek_v3"),
+    }
+    rows, models = [{"case": "source", "ppl": ppl(src, data["eval"])}], {}
+    for name, kw in cases.items():
+        mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4, **kw), calib_ids=data["calib"], progress=False)
+        rows.append({"case": name, "kv_ratio": round(rep["kv_ratio"], 2), "rope_stride": rep.get("rope_stride"),
+                     "distill_tokens": 0, "ppl": ppl(mla.to(device), data["eval"])})
+        models[name] = mla
+        print(rows[-1], flush=True)
+    if args.distill_tokens:
+        name = list(cases)[-1]
+        mla = models[name]
+        cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+        log = distill(mla, src, data["train"][len(data["calib"]):], cfg, progress=False)
+        rows.append({"case": name + ", distilled", "kv_ratio": rows[-1]["kv_ratio"], "distill_tokens": log["tokens"],
+                     "ppl": ppl(mla.eval(), data["eval"])})
+        print(rows[-1], flush=True)
+        if args.save_deepseek:
+            save_deepseek_v3(mla, args.save_deepseek, tokenizer=data.get("tokenizer"), overwrite=True)
+    for r in rows:
+        r["ppl_over_source"] = r["ppl"] / rows[0]["ppl"]
+    return {"note": "Training-free held-out perplexity at 6.4x, one DeepSeek-V3 constraint at a time (each row adds "
+                    f"to the one above); distillation: {args.distill_tokens} tokens, lr {args.lr}, attention only.",
+            "rows": rows}
+
+
 def section_memory(src, data, args, device):
     mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
     prompt = data["eval"][:64][None]
@@ -189,6 +224,7 @@ def main():
     ap.add_argument("--contexts", default="1024,4096")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--speed-batches", default="1")
+    ap.add_argument("--save-deepseek", help="deepseek section: save the distilled DeepSeek-V3 checkpoint here")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -196,6 +232,7 @@ def main():
     sections = {}
     titles = {"quality": "Quality vs KV ratio (training-free)", "distill": "Distillation at 6.4x",
               "ablation": "Ablation: where the training-free loss comes from",
+              "deepseek": "The DeepSeek-V3 form at 6.4x",
               "memory": "KV-cache memory", "speed": "Decode speed"}
     for name in args.sections.split(","):
         t = time.perf_counter()

@@ -8,6 +8,7 @@
     hf-ext eval perplexity ...       measure a model
     hf-ext push DIR REPO_ID          upload a folder
     hf-ext zoo list|fetch            offline checkpoints
+    hf-ext llamacpp build|where      the pinned llama.cpp build that measures exports
 
 Bad input prints one line, `error: <problem and fix>`, and exits with status 2.
 """

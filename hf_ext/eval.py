@@ -81,3 +81,34 @@ def perplexity(model, tokenizer, text: str, max_tokens: int | None = None, windo
         model.train(was_training)
     return {"ppl": math.exp(total / count), "tokens": len(ids), "scored_tokens": count,
             "windows": n_windows, "nll": total / count}
+
+
+@torch.no_grad()
+def llamacpp_protocol_perplexity(model, tokenizer, text: str, n_ctx: int = 512, n_chunks: int | None = None,
+                                 batch_size: int = 4) -> dict:
+    """Perplexity by ``llama-perplexity``'s protocol, so our model and llama.cpp's run of the same weights
+    give the same figure: tokenize the whole text (with BOS where the tokenizer adds one), cut it into
+    len // n_ctx chunks of n_ctx tokens (BOS replaces each chunk's first token when added), and score only
+    the tokens after the first n_ctx / 2 of each chunk (n_ctx - n_ctx/2 - 1 per chunk).
+    """
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]                  # (N,) with special tokens
+    bos = tokenizer.bos_token_id
+    add_bos = bos is not None and len(ids) > 0 and ids[0].item() == bos and \
+        tokenizer(text, add_special_tokens=False)["input_ids"][:1] != [bos]
+    chunks = len(ids) // n_ctx if n_chunks is None else min(n_chunks, len(ids) // n_ctx)
+    if chunks < 1 or len(ids) < 2 * n_ctx:
+        raise BadTextError(f"the text gives {len(ids)} tokens; llama-perplexity's protocol needs at least "
+                           f"2 x n_ctx = {2 * n_ctx}: give more text or a smaller n_ctx")
+    x = ids[: chunks * n_ctx].view(chunks, n_ctx).clone()                       # (C, n_ctx)
+    if add_bos:
+        x[:, 0] = bos
+    first = n_ctx // 2
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for b in x.split(batch_size):
+        logits = model(input_ids=b.to(device)).logits.float()                   # (B, n_ctx, V)
+        nll = F.cross_entropy(logits[:, first:-1].flatten(0, 1), b[:, first + 1:].flatten().to(device),
+                              reduction="sum")
+        total += nll.item()
+        count += b[:, first + 1:].numel()
+    return {"ppl": math.exp(total / count), "nll": total / count, "n_chunks": chunks, "scored_tokens": count}

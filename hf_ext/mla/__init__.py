@@ -18,3 +18,6 @@ __all__ = ["MLAConfig", "MLAForCausalLM", "MLAModel", "MLALatentLayer", "latent_
 from .convert import SUPPORTED, UpcycleConfig, UpcycleError, upcycle_to_mla  # noqa: E402
 
 __all__ += ["SUPPORTED", "UpcycleConfig", "UpcycleError", "upcycle_to_mla"]
+from .export import ExportError, export_deepseek_v3, save_deepseek_v3  # noqa: E402
+
+__all__ += ["ExportError", "export_deepseek_v3", "save_deepseek_v3"]

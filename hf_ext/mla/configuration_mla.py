@@ -26,6 +26,10 @@ class MLAConfig(PreTrainedConfig):
         head_dim (`int`): head width of the *source* model; RoPE frequencies are those of this width.
         softmax_scale (`float`, *optional*): attention scale; defaults to ``head_dim ** -0.5`` as in the source.
         q_lora_rank (`int`, *optional*): when set, queries go through a rank-``q_lora_rank`` bottleneck.
+        latent_norm (`bool`): DeepSeek's RMSNorms on the latents: ``kv_a_layernorm`` on c_kv (before it is
+            cached) and, with ``q_lora_rank``, ``q_a_layernorm`` on the query latent. This is the architecture
+            that ``hf_ext.mla.export_deepseek_v3`` writes, so distil with it to train what you export.
+        latent_norm_eps (`float`): their epsilon; 1e-6 as in DeepSeek-V3 (transformers fixes it there).
         qk_norm (`bool`): the source normalises every query and key head by an RMSNorm before RoPE (Qwen3).
             Queries then keep the source projection and norm, followed by a per-head map, and keys keep
             the source's per-head RMS scale: ``num_key_value_heads`` scales per token join the cache.
@@ -56,7 +60,8 @@ class MLAConfig(PreTrainedConfig):
     def __init__(self, vocab_size=32000, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, kv_lora_rank=44, qk_nope_head_dim=44,
                  qk_rope_head_dim=16, v_head_dim=64, rope_key_sharing="shared", rope_freq_index=None,
-                 softmax_scale=None, q_lora_rank=None, qk_norm=False, rope_head_index=None, hidden_act="silu",
+                 softmax_scale=None, q_lora_rank=None, latent_norm=False, latent_norm_eps=1e-6, qk_norm=False,
+                 rope_head_index=None, hidden_act="silu",
                  max_position_embeddings=8192, initializer_range=0.02, rms_norm_eps=1e-5, rope_parameters=None,
                  attention_bias=False, o_proj_bias=False, mlp_bias=False, attention_dropout=0.0, absorb="auto",
                  sliding_window=None, use_cache=True, pad_token_id=None, bos_token_id=None, eos_token_id=None,
@@ -73,6 +78,7 @@ class MLAConfig(PreTrainedConfig):
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads, self.head_dim = num_key_value_heads, head_dim
         self.kv_lora_rank, self.q_lora_rank = kv_lora_rank, q_lora_rank
+        self.latent_norm, self.latent_norm_eps = latent_norm, latent_norm_eps
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.rope_key_sharing, self.rope_freq_index = rope_key_sharing, rope_freq_index
         self.qk_norm, self.rope_head_index = qk_norm, rope_head_index

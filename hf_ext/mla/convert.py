@@ -9,6 +9,9 @@ Per layer:
    - ``"2norm"``: largest E||q|| * E||k|| (MHA2MLA's S_2-norm);
    - ``"qk_freq"``: 2-norm times how much the pair's rotation moves the score over ``rope_horizon``
      tokens (``ops.rope_sensitivity``); a slow pair loses little by becoming position-free.
+   - ``"geometric"``: the same score, but the kept frequencies must be every ``rope_stride``-th one from the
+     fastest (0, c, 2c, ...), the same c in every layer: the only sets DeepSeek-V3's RoPE
+     (inv_freq_j = theta'^(-2j/d_r)) can express. c is chosen by the score summed over layers.
 3. Every other key dim, stacked with V, is factorised to rank ``kv_lora_rank`` (``kv_init``):
    ``"svd"`` on the weights, ``"whitened"`` on the calibration activations, or ``"qo_whitened"``, which
    also weights key errors by the query covariance and value errors by W_O, i.e. the errors of the
@@ -36,6 +39,7 @@ from ..errors import HfExtError
 from . import ops
 from .calibration import attention_distances, collect_stats
 from .configuration_mla import MLAConfig
+from .export import check_deepseek_source, fill_deepseek_latents
 from .modeling_mla import MLAForCausalLM
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -68,6 +72,14 @@ class UpcycleConfig:
         key_weight: weight of key (logit) errors relative to value (output) errors in the joint
             factorisation, after both blocks are scaled to equal energy.
         rope_horizon: without measured distances, ``qk_freq`` weighs rotations uniformly over this many tokens.
+        rope_stride: ``geometric`` selection's stride c; None chooses it.
+        target: ``"hf_ext"`` (our ``MLAForCausalLM`` layout) or ``"deepseek_v3"``: the layout that
+            ``export_deepseek_v3`` writes as a stock DeepSeek-V3 checkpoint (one shared RoPE key with
+            geometric frequencies, latent RMSNorms, a query latent; see ``hf_ext.mla.export``).
+        latent_norm_init: with ``target="deepseek_v3"``, how the KV latent's RMSNorm starts: ``"gain"`` (the
+            norm is active, its gain the calibrated RMS of c_kv: every token's K and V are rescaled by
+            E[rms(c)] / rms(c_t)) or ``"eps"`` (c_kv is scaled down until the norm's epsilon dominates, so the
+            norm is the identity to ~1e-6; exact in float32, but the tiny weights do not survive float16).
     """
 
     kv_lora_rank: int | None = None
@@ -81,6 +93,9 @@ class UpcycleConfig:
     nope_rotation: str = "mean"
     key_weight: float = 4.0
     rope_horizon: int = 2048
+    rope_stride: int | None = None
+    target: str = "hf_ext"
+    latent_norm_init: str = "gain"
 
     @classmethod
     def lossless(cls, source_config) -> "UpcycleConfig":
@@ -111,10 +126,14 @@ def _check(model, ucfg: UpcycleConfig):
     if ucfg.rope_rotation == "auto":
         ucfg.rope_rotation = "rorope" if ucfg.rope_key_sharing == "shared" and not qk_norm else "none"
     for name, allowed in [("rope_key_sharing", ("shared", "per_kv_head")), ("rope_rotation", ("rorope", "none")),
-                          ("rope_selection", ("qk_freq", "2norm", "high_freq")),
+                          ("rope_selection", ("qk_freq", "2norm", "high_freq", "geometric")),
                           ("kv_init", ("qo_whitened", "whitened", "svd")), ("nope_rotation", ("mean", "none"))]:
         if getattr(ucfg, name) not in allowed:
             raise UpcycleError(f"{name}={getattr(ucfg, name)!r}; choose one of {', '.join(allowed)}")
+    if ucfg.target not in ("hf_ext", "deepseek_v3"):
+        raise UpcycleError(f"target={ucfg.target!r}; choose 'hf_ext' or 'deepseek_v3'")
+    if ucfg.target == "deepseek_v3":
+        check_deepseek_source(model, ucfg, qk_norm)
     if sum(x is not None for x in (ucfg.kv_lora_rank, ucfg.kv_ratio, ucfg.energy)) != 1:
         raise UpcycleError("give exactly one of kv_lora_rank, kv_ratio or energy")
     D, n_kv = _head_dim(cfg), cfg.num_key_value_heads
@@ -192,7 +211,9 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
         score = two_norm * (1 - c ** 2 - s_ ** 2).clamp_min(0).sqrt()[:, None]
     else:
         score = two_norm * ops.rope_sensitivity(inv_freq, ucfg.rope_horizon)[:, None]
-    if ucfg.rope_key_sharing == "shared":
+    if ucfg.rope_selection == "geometric":   # frequencies 0, c, 2c, ...: the best component of each
+        comps = [[(i, int(score[i].argmax())) for i in range(0, ucfg.rope_stride * (d_r // 2), ucfg.rope_stride)]]
+    elif ucfg.rope_key_sharing == "shared":
         top = score.flatten().argsort(descending=True)[: d_r // 2]
         comps = [sorted(((int(t) // n_kv, int(t) % n_kv) for t in top))]    # one RoPE head: [(i, j)]
     else:
@@ -212,7 +233,7 @@ def _plan_layer(w, C, mu, ucfg, H, n_kv, D, inv_freq, p_delta=None):
                     a, b = j * D + i, j * D + i + half
                     G[:, a], G[:, b] = c[i] * G[:, a] - s_[i] * G[:, b], s_[i] * G[:, a] + c[i] * G[:, b]
     return dict(R=R, T=T, comps=comps, nope_idx=nope_idx, Wk_rot=Wk_rot, bk_rot=bk_rot, M=M, G=G, Q=Q, g_of=g_of,
-                key_scale=key_scale)
+                key_scale=key_scale, score=score)
 
 
 def _moment(W, b, C, mu):
@@ -283,18 +304,31 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
     else:
         Cs, mus, n_calib, p_deltas = [None] * L, [None] * L, 0, [None] * L
     inv_freq = model.model.rotary_emb.inv_freq.detach().double().cpu()
-    plans, weights = [], []
-    for li, layer in enumerate(tqdm(model.model.layers, desc="mla: plan layers", disable=not progress, leave=False)):
-        w = _layer_weights(layer.self_attn, H, n_kv, D)
-        C = Cs[li] if Cs[li] is not None else torch.eye(h, dtype=torch.float64)
-        plan = _plan_layer(w, Cs[li], mus[li], ucfg, H, n_kv, D, inv_freq, p_deltas[li])
-        plan["Dw"] = _row_weight(plan, w, C, ucfg, H, n_kv, D)
-        plan["C"] = None if ucfg.kv_init == "svd" else C
-        Y = plan["M"] if plan["Dw"] is None else plan["Dw"] @ plan["M"]
-        S = Y @ Y.T if plan["C"] is None else Y @ plan["C"] @ Y.T
-        plan["evals"] = torch.linalg.eigvalsh((S + S.T) / 2).flip(0).clamp_min(0)
-        plans.append(plan)
-        weights.append(w)
+
+    def plan_all():
+        plans, weights = [], []
+        for li, layer in enumerate(tqdm(model.model.layers, desc="mla: plan layers", disable=not progress, leave=False)):
+            w = _layer_weights(layer.self_attn, H, n_kv, D)
+            C = Cs[li] if Cs[li] is not None else torch.eye(h, dtype=torch.float64)
+            plan = _plan_layer(w, Cs[li], mus[li], ucfg, H, n_kv, D, inv_freq, p_deltas[li])
+            plan["Dw"] = _row_weight(plan, w, C, ucfg, H, n_kv, D)
+            plan["C"] = None if ucfg.kv_init == "svd" else C
+            Y = plan["M"] if plan["Dw"] is None else plan["Dw"] @ plan["M"]
+            S = Y @ Y.T if plan["C"] is None else Y @ plan["C"] @ Y.T
+            plan["evals"] = torch.linalg.eigvalsh((S + S.T) / 2).flip(0).clamp_min(0)
+            plans.append(plan)
+            weights.append(w)
+        return plans, weights
+
+    stride_given = ucfg.rope_stride is not None
+    if ucfg.rope_selection == "geometric" and not stride_given:
+        ucfg.rope_stride = 1
+    plans, weights = plan_all()
+    if ucfg.rope_selection == "geometric" and not stride_given:
+        best = ops.best_rope_stride([p["score"] for p in plans], ucfg.qk_rope_head_dim // 2)
+        if best != ucfg.rope_stride:
+            ucfg.rope_stride = best
+            plans, weights = plan_all()
     r = ucfg.kv_lora_rank
     if r is None:
         r = min(max(ops.rank_for_energy(p["evals"], ucfg.energy) for p in plans), max_rank)
@@ -304,6 +338,7 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
         vocab_size=cfg.vocab_size, hidden_size=h, intermediate_size=cfg.intermediate_size, num_hidden_layers=L,
         num_attention_heads=H, num_key_value_heads=n_kv, head_dim=D, kv_lora_rank=r, qk_nope_head_dim=d_n,
         qk_rope_head_dim=ucfg.qk_rope_head_dim, v_head_dim=D, rope_key_sharing=ucfg.rope_key_sharing,
+        q_lora_rank=h if ucfg.target == "deepseek_v3" else None, latent_norm=ucfg.target == "deepseek_v3",
         rope_freq_index=[[[i for i, _ in head] for head in p["comps"]] for p in plans], qk_norm=qk_norm,
         rope_head_index=[[[j for _, j in head] for head in p["comps"]] for p in plans] if qk_norm else None,
         softmax_scale=getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5),
@@ -321,13 +356,18 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
     energy = []
     for li, (p, w) in enumerate(zip(plans, weights)):
         energy.append(_fill_attention(mla.model.layers[li].self_attn, p, w, r, d_n, H, n_kv, D, ucfg))
+        if ucfg.target == "deepseek_v3":
+            fill_deepseek_latents(mla.model.layers[li], model.model.layers[li].input_layernorm.weight, p["C"],
+                                  ucfg.latent_norm_init)
     mla.generation_config = model.generation_config
     src_values = 2 * n_kv * D
     report = {"kv_values_per_token_source": src_values, "kv_values_per_token": mcfg.kv_values_per_token,
               "kv_ratio": src_values / mcfg.kv_values_per_token, "kv_lora_rank": r,
               "qk_rope_head_dim": ucfg.qk_rope_head_dim, "rope_key_sharing": ucfg.rope_key_sharing,
               "rope_rotation": ucfg.rope_rotation, "rope_selection": ucfg.rope_selection, "kv_init": ucfg.kv_init,
-              "nope_rotation": ucfg.nope_rotation,
+              "nope_rotation": ucfg.nope_rotation, "target": ucfg.target,
+              **({"rope_stride": ucfg.rope_stride} if ucfg.rope_selection == "geometric" else {}),
+              **({"latent_norm_init": ucfg.latent_norm_init} if ucfg.target == "deepseek_v3" else {}),
               "calib_tokens": n_calib, "energy_kept_min": min(energy), "energy_kept_mean": sum(energy) / len(energy),
               "params_source": sum(t.numel() for t in model.parameters()),
               "params_mla": sum(t.numel() for t in mla.parameters()), "seconds": time.perf_counter() - t0}
@@ -372,17 +412,17 @@ def _fill_attention(attn, p, w, r, d_n, H, n_kv, D, ucfg) -> float:
     attn_q = torch.cat(q_rows, 0)
     rope_k_rows = torch.cat([p["Wk_rot"][[j * D + i for i, j in hd] + [j * D + i + D // 2 for i, j in hd]]
                              for hd in p["comps"]], 0)                      # (n_rope*d_r, h)
-    dt = attn.q_proj.weight.dtype
+    dt = attn.o_proj.weight.dtype
     if w["gq"] is not None:  # qk_norm: the source query path, then the per-head map; the source keys' RMS
         attn.q_head_proj.copy_(torch.stack(q_rows).to(dt))                  # (H, d_n + d_r, D)
         attn.q_norm.weight.copy_(w["gq"].to(dt))
         attn.k_proj.weight.copy_(w["Wk_src"].to(dt))
         attn_q, q_bias = w["Wq"], [] if w["bq"] is None else [w["bq"]]
-    attn.q_proj.weight.copy_(attn_q.to(dt))
+    (attn.q_proj if hasattr(attn, "q_proj") else attn.q_b_proj).weight.copy_(attn_q.to(dt))
     attn.kv_a_proj.weight.copy_(torch.cat([W_down, rope_k_rows], 0).to(dt))
     attn.kv_b_proj.weight.copy_(torch.cat(kb_rows, 0).to(dt))
     attn.o_proj.weight.copy_(w["Wo"].to(dt))
-    if attn.q_proj.bias is not None:
+    if hasattr(attn, "q_proj") and attn.q_proj.bias is not None:
         attn.q_proj.bias.copy_(torch.cat(q_bias).to(dt) if q_bias else torch.zeros_like(attn.q_proj.bias))
     if attn.kv_a_proj.bias is not None:
         kb = torch.zeros(r + len(p["comps"]) * d_r, dtype=torch.float64)

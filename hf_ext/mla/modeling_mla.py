@@ -111,8 +111,12 @@ class MLAAttention(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=config.attention_bias)
+            if config.latent_norm:
+                self.q_a_layernorm = MLARMSNorm(config.q_lora_rank, eps=config.latent_norm_eps)
             self.q_b_proj = nn.Linear(config.q_lora_rank, q_out, bias=False)
         self.kv_a_proj = nn.Linear(config.hidden_size, self.r + self.n_rope * self.d_r, bias=config.attention_bias)
+        if config.latent_norm:                         # DeepSeek normalises c_kv before caching it
+            self.kv_a_layernorm = MLARMSNorm(self.r, eps=config.latent_norm_eps)
         self.kv_b_proj = nn.Linear(self.r, self.num_heads * (self.d_n + self.d_v), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.d_v, config.hidden_size, bias=config.o_proj_bias)
         self.register_buffer("rope_freq_index", self.compute_freq_index(), persistent=False)  # (n_rope, d_r/2)
@@ -136,7 +140,10 @@ class MLAAttention(nn.Module):
         if self.config.qk_norm:
             q = self.q_norm(self.q_proj(x).unflatten(-1, (self.num_heads, -1)))  # (B, T, H, D)
             return torch.einsum("bthd,hed->bthe", q, self.q_head_proj).flatten(-2)
-        return self.q_proj(x) if self.config.q_lora_rank is None else self.q_b_proj(self.q_a_proj(x))
+        if self.config.q_lora_rank is None:
+            return self.q_proj(x)
+        c_q = self.q_a_proj(x)                                              # (B, T, q_lora_rank)
+        return self.q_b_proj(self.q_a_layernorm(c_q) if self.config.latent_norm else c_q)
 
     def _key_scales(self, x):
         """qk_norm: 1 / rms of each source key head, (B, T, n_kv)."""
@@ -159,6 +166,8 @@ class MLAAttention(nn.Module):
         q_nope, q_rope = q.split([d_n, d_r], dim=-1)
         kv = self.kv_a_proj(hidden_states)                                  # (B, T, r + n_rope*d_r)
         c_kv = kv[..., : self.r].unsqueeze(1)                               # (B, 1, T, r)
+        if self.config.latent_norm:
+            c_kv = self.kv_a_layernorm(c_kv)
         k_rope = kv[..., self.r:].view(B, T, n_rope, d_r).transpose(1, 2)   # (B, n_rope, T, d_r)
         if self.config.qk_norm:
             s = self._key_scales(hidden_states)                             # (B, T, n_kv)

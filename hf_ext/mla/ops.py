@@ -69,6 +69,19 @@ def rope_sensitivity(inv_freq: torch.Tensor, horizon: int) -> torch.Tensor:
     return (2 * torch.sin(inv_freq.double()[:, None] * d / 2)).pow(2).mean(-1).sqrt()
 
 
+def best_rope_stride(scores: list[torch.Tensor], n_pairs: int) -> int:
+    """The stride c whose frequencies 0, c, ..., (n_pairs - 1) c keep the most RoPE score over all layers.
+
+    ``scores``: per layer, (half, n_components) pair scores. Each layer counts equally: its share is the kept
+    score (the best component per kept frequency) over what an unconstrained choice of n_pairs would keep."""
+    half = scores[0].shape[0]
+    strides = range(1, (half - 1) // max(n_pairs - 1, 1) + 1) if n_pairs > 1 else [1]
+    def share(s, c):                                                       # noqa: E306
+        best = s.flatten().topk(n_pairs).values.sum().clamp_min(1e-300)
+        return float(s[torch.arange(n_pairs) * c].max(-1).values.sum() / best)
+    return max(strides, key=lambda c: sum(share(s, c) for s in scores))
+
+
 def mean_rotation(inv_freq: torch.Tensor, p_delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E_p[cos(theta * d)], E_p[sin(theta * d)] per frequency, for distances d ~ p_delta (d = t - s >= 0).
 

@@ -89,3 +89,38 @@ def test_real_cli_convert_mla_json_card_and_remote_code(tmp_path, capsys):
     # bit for bit: the same files through the same loader (transformers copies weights into fresh memory) and
     # the same modeling code (the remote copy is modeling_mla.py itself), so the same kernels on the same values
     assert m.generate(**x, max_new_tokens=6, do_sample=False)[0].tolist() == got["tokens"]
+
+
+@pytest.mark.numerics
+def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
+    """SmolLM2 at 6.4x in DeepSeek-V3 form: the CLI writes a checkpoint that transformers loads with no remote
+    code (DeepseekV3ForCausalLM) and that computes our MLA model's logits and greedy tokens."""
+    out = tmp_path / "ds"
+    assert main(["convert", "mla", "--model", "smollm2-135m", "--kv-ratio", "6.4", "--format", "deepseek_v3",
+                 "--calib-tokens", "4096", "--max-tokens", "512", "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["architecture"] == "DeepseekV3ForCausalLM" and r["kv_values_per_token"] == 60
+    # the reloaded export's logits are within REAL_FP32_RTOL * max|logit| of ours, and a token's NLL (a log-softmax)
+    # moves by at most 2 max|dlogit|: 2 * 1e-5 * ~40 (SmolLM2's largest logits) = 8e-4 in mean NLL, so in ppl too
+    assert r["ppl_exported"] == pytest.approx(r["ppl_converted"], rel=1e-3)
+    assert not list(out.glob("*.py")) and "auto_map" not in (out / "config.json").read_text()
+    assert "llama.cpp" in (out / "README.md").read_text()
+    got = run_without_hf_ext(f"""
+        import json, torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        x = tok("def fibonacci(n):", return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            o = m.generate(x, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        print(json.dumps({{"cls": type(m).__name__, "x": x.tolist(), "tokens": o.sequences[:, x.shape[1]:].tolist(),
+                          "logits": [s.tolist() for s in o.logits]}}))
+    """)
+    assert got["cls"] == "DeepseekV3ForCausalLM"
+    model, tok = load_causal_lm("smollm2-135m")
+    mla, _ = upcycle_to_mla(model, UpcycleConfig(kv_ratio=6.4, target="deepseek_v3"),
+                            calib_ids=tokenize(tok, load_corpus("python-docs:train"), 4096), progress=False)
+    logits, tokens = greedy(mla, torch.tensor(got["x"]), max_new_tokens=8)
+    atol = REAL_FP32_RTOL * max(float(s.abs().max()) for s in logits)
+    assert_greedy_agrees([torch.tensor(s) for s in got["logits"]], torch.tensor(got["tokens"]), logits, tokens, atol,
+                         min_steps=6)
