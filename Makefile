@@ -25,7 +25,7 @@ apt:
 install: $(VENV)/.installed apt
 
 demo: install
-	$(HFEXT) convert mla --model smollm2-135m --kv-ratio 6.4 --format deepseek_v3 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
+	$(HFEXT) convert mla --model smollm2-135m --format deepseek_v3 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
 
 # The whole suite, with every offline asset unreadable to tests not marked `real` (tests/conftest.py); then the
 # numerics-sensitive tests again under the other SIMD kernels of this CPU (AVX512 -> AVX2, AVX2 -> none) and MKL's

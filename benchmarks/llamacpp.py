@@ -9,9 +9,12 @@ Sections, all side by side in one run, nothing else on the CPU:
 - quality: llama-perplexity on held-out python-docs:eval (f32, f16, Q8_0 weights) next to our own fp32 model
   scored by the same protocol (``hf_ext.eval.llamacpp_protocol_perplexity``);
 - memory: the KV cache llama.cpp itself allocates at 4k and 16k, and the longest context in a fixed budget;
-- speed: llama-bench generation tok/s at depth 0 / 4k / 16k, flash attention off and on, f16 and Q8_0;
-- shapes: the same speed for random-weight MLA shapes near 6.4x (kv_lora_rank + rope dims), to find the
-  dims llama.cpp's kernels like, plus a split of each token's time into weights (depth 0) and attention.
+- speed: llama-bench generation tok/s at depth 0 / 4k / 16k for f16 and Q8_0 weights, over KV cache types
+  (f16 with flash attention off and on; bf16, which keeps f16's bytes, with it on);
+- shapes: the same speed for random-weight MLA shapes near 6x (kv_lora_rank + rope dims), to find the
+  dims llama.cpp's kernels like, plus a split of each token's time into weights (depth 0) and attention;
+- profile: perf's split of a generated token's CPU time by function (source vs MLA).
+The default sections are quality, memory, speed and profile; shapes (random weights) takes another ~20 min.
 """
 from __future__ import annotations
 
@@ -86,8 +89,12 @@ def section_memory(models, ggufs, args):
                     f"longest context whose cache fits {MIB_BUDGET} MiB, from the per-token slope.", "rows": rows}
 
 
-def bench_rows(gguf, args, **tags):
-    rows = llamacpp_bench(gguf, depths=args.depths, flash_attn=(0, 1), n_gen=args.n_gen, reps=args.reps)
+def bench_rows(gguf, args, caches=("f16",), **tags):
+    """Every KV-cache type in ``caches``: f16 with flash attention off and on, the others with it on (llama.cpp
+    needs it for a quantized V cache, and off it copies a transposed value view every step)."""
+    rows = [r for cache in caches for r in llamacpp_bench(
+        gguf, depths=args.depths, flash_attn=(0, 1) if cache == "f16" else (1,), n_gen=args.n_gen, reps=args.reps,
+        threads=args.threads, cache_type=cache)]
     for r in rows:
         r.update(tags, tok_s_median=statistics.median(r.pop("samples") or [r["tok_s"]]))
         print(r, flush=True)
@@ -101,19 +108,24 @@ def fastest(rows, **match):
 
 def section_speed(models, ggufs, args):
     rows = [r for name in models for outtype in ("f16", "q8_0") if (name, outtype) in ggufs
-            for r in bench_rows(ggufs[name, outtype], args, model=name, weights=outtype)]
+            for r in bench_rows(ggufs[name, outtype], args, caches=args.caches, model=name, weights=outtype)]
     summary = []
     for outtype in ("f16", "q8_0"):
         for d in args.depths:
             if ("source", outtype) not in ggufs:
                 continue
             s, m = fastest(rows, model="source", weights=outtype, depth=d), fastest(rows, model="mla", weights=outtype, depth=d)
-            summary.append({"weights": outtype, "depth": d, "source_tok_s": s["tok_s_median"], "source_fa": s["flash_attn"],
-                            "mla_tok_s": m["tok_s_median"], "mla_fa": m["flash_attn"],
-                            "mla_over_source": m["tok_s_median"] / s["tok_s_median"]})
+            same = fastest(rows, model="mla", weights=outtype, depth=d, cache="f16")
+            summary.append({"weights": outtype, "depth": d, "source_tok_s": s["tok_s_median"],
+                            "source_setting": f"{s['cache']} cache, fa {s['flash_attn']}", "mla_tok_s": m["tok_s_median"],
+                            "mla_setting": f"{m['cache']} cache, fa {m['flash_attn']}",
+                            "mla_over_source": m["tok_s_median"] / s["tok_s_median"],
+                            "mla_over_source_f16_cache": same["tok_s_median"] / s["tok_s_median"]})
+            print(summary[-1], flush=True)
     return {"note": f"llama-bench generation of {args.n_gen} tokens after 'depth' tokens of context, median of "
-                    f"{args.reps} repetitions, {args.threads or 'all'} threads; summary: each model in its fastest "
-                    "flash-attention setting.", "rows": rows, "summary": summary}
+                    f"{args.reps} repetitions, {args.threads or 'all'} threads, KV cache types {args.caches}; summary: "
+                    "each model in its fastest setting (cache type x flash attention); 'mla_over_source_f16_cache': "
+                    "MLA restricted to an f16 cache (the 6x memory figure's).", "rows": rows, "summary": summary}
 
 
 def section_shapes(models, ggufs, args, work):
@@ -148,13 +160,60 @@ def section_shapes(models, ggufs, args, work):
                     "lm_head); what depth adds is attention over the cache.", "rows": rows + src, "profile": profile}
 
 
+def perf_samples(cmd: list) -> dict[str, int]:
+    """``perf record`` (999 Hz, user space) of one command: samples per symbol."""
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".perf") as f:
+        subprocess.run(["perf", "record", "-q", "-F", "999", "-o", f.name, "--", *cmd], check=True,
+                       capture_output=True)
+        rep = subprocess.run(["perf", "report", "-i", f.name, "--stdio", "--sort", "symbol", "-F", "sample,sym"],
+                             check=True, capture_output=True, text=True).stdout
+    out = {}
+    for line in rep.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].isdigit() and parts[1].startswith("["):
+            sym = parts[2].split("@")[0]
+            out[sym] = out.get(sym, 0) + int(parts[0])
+    return out
+
+
+def section_profile(models, ggufs, args):
+    """Where one generated token's time goes at depth ``--profile-depth``, per function, measured by perf.
+
+    llama-bench fills the context once and reuses it for every repetition, so the difference between a run of
+    ``reps x n_gen`` tokens and a run of 1 token is generation alone; samples / 999 Hz / tokens = ms per token
+    (both threads' time summed)."""
+    from hf_ext.llamacpp import _tool
+
+    settings = [("source", "f16", 1), ("mla", "f16", 0), ("mla", "f16", 1), ("mla", "bf16", 1)]
+    rows, reps, n_gen = [], 4, 64
+    for name, cache, fa in settings:
+        base = [str(_tool("llama-bench")), "-m", str(ggufs[name, "f16"]), "-p", "0", "-d", str(args.profile_depth),
+                "-fa", str(fa), "-ctk", cache, "-ctv", cache, "-t", str(args.threads or 2)]
+        long, short = perf_samples(base + ["-n", str(n_gen), "-r", str(reps)]), perf_samples(base + ["-n", "1", "-r", "1"])
+        tokens = reps * n_gen - 1
+        ms = {k: 1e3 * (long.get(k, 0) - short.get(k, 0)) / 999 / tokens for k in long}
+        total = sum(ms.values())
+        setting = f"{name}, {cache} cache, fa {fa}"
+        rows.append({"setting": setting, "function": "(all)", "cpu_ms_per_token": total, "share": 1.0})
+        rows += [{"setting": setting, "function": k, "cpu_ms_per_token": v, "share": v / total}
+                 for k, v in sorted(ms.items(), key=lambda kv: -kv[1]) if v > 0.02 * total]
+        print([(r["function"], round(r["cpu_ms_per_token"], 2)) for r in rows if r["setting"] == setting], flush=True)
+    return {"note": f"perf record at 999 Hz of llama-bench (f16 weights, depth {args.profile_depth}), generation only "
+                    f"(a {reps}x{n_gen}-token "
+                    "run minus a 1-token run on the same cached context); cpu_ms sums both threads, so spinning "
+                    "at barriers (ggml_barrier, ggml_graph_compute_thread) counts too. Functions above 2%.",
+            "rows": rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deepseek", help="a DeepSeek-V3 export folder (default: made training-free here)")
     ap.add_argument("--kv-lora-rank", type=int, help="for the training-free export: latent rank (default: kv_ratio 6.4)")
     ap.add_argument("--rope-dim", type=int, default=24, help="with --kv-lora-rank: qk_rope_head_dim")
     ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--sections", default="quality,memory,speed,shapes")
+    ap.add_argument("--sections", default="quality,memory,speed,profile")
     ap.add_argument("--outtypes", default="f32,f16,q8_0")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
@@ -162,11 +221,13 @@ def main():
     ap.add_argument("--n-gen", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--shapes", default="36+24,32+32,40+24,48+16,32+28", help="kv_lora_rank+rope_dim, comma-separated")
+    ap.add_argument("--caches", default="f16,bf16", help="speed: KV cache types (bf16 keeps f16's bytes; q8_0 too)")
+    ap.add_argument("--shapes", default="32+32,40+24,48+16,24+40", help="kv_lora_rank+rope_dim, comma-separated")
+    ap.add_argument("--profile-depth", type=int, default=4096, help="profile: the context depth perf samples at")
     ap.add_argument("--work", help="keep GGUFs here (default: a temporary folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "llamacpp.json"))
     args = ap.parse_args()
-    args.outtypes, args.shapes = args.outtypes.split(","), args.shapes.split(",")
+    args.outtypes, args.shapes, args.caches = args.outtypes.split(","), args.shapes.split(","), args.caches.split(",")
     args.depths = [int(d) for d in args.depths.split(",")]
     ensure_llamacpp()                                     # a clear error with the build command when missing
     tmp = tempfile.TemporaryDirectory()
@@ -179,7 +240,8 @@ def main():
     ggufs = {(name, t): convert_to_gguf(folder, work / f"{name}.{t}.gguf", t) for name, folder in models.items()
              for t in outtypes}
     sections, titles = {}, {"quality": "Perplexity in llama.cpp", "memory": "KV cache in llama.cpp",
-                            "speed": "Generation speed in llama.cpp", "shapes": "Latent shapes near 6.4x"}
+                            "speed": "Generation speed in llama.cpp", "shapes": "Latent shapes near 6.4x",
+                            "profile": "Where a generated token's time goes (perf)"}
     for name in args.sections.split(","):
         t = time.perf_counter()
         extra = {"quality": (text_file,), "shapes": (work,)}.get(name, ())

@@ -29,6 +29,9 @@ def render(result: dict) -> str:
         if section.get("note"):
             out += [section["note"], ""]
         out += [_table(section["rows"]), ""]
+        for key, extra in section.items():            # further tables a section carries (summary, profile)
+            if key not in ("note", "rows") and isinstance(extra, list) and extra and isinstance(extra[0], dict):
+                out += [f"{key.capitalize()}:", "", _table(extra), ""]
     return "\n".join(out)
 
 

@@ -10,11 +10,12 @@ def add_parser(sub) -> None:
     p = sub.add_parser("mla", help="upcycle attention to Multi-head Latent Attention (latent KV cache)")
     p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder or Hub repo id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--kv-ratio", type=float, help="target KV compression vs the source (default 6.4)")
+    g.add_argument("--kv-ratio", type=float, help="target KV compression vs the source (default 6.4; with "
+                   "--format deepseek_v3, the widest llama.cpp-friendly latent at >= 6x, 32 + 32 on SmolLM2)")
     g.add_argument("--kv-lora-rank", type=int, help="latent width r")
     g.add_argument("--energy", type=float, help="smallest rank keeping this energy fraction")
     g.add_argument("--lossless", action="store_true", help="full rank, every RoPE dim: reproduces the source")
-    p.add_argument("--rope-dim", type=int, default=24, help="qk_rope_head_dim, even (default 24)")
+    p.add_argument("--rope-dim", type=int, help="qk_rope_head_dim, even (default 24; 32 with --format deepseek_v3)")
     p.add_argument("--rope-sharing", choices=["shared", "per_kv_head"], default="shared")
     p.add_argument("--rope-rotation", choices=["auto", "rorope", "none"], default="auto",
                    help="auto: rorope for shared keys on sources without per-head q/k norms, else none")
@@ -56,6 +57,7 @@ def run(args) -> None:
     from hf_ext.mla import UpcycleConfig, upcycle_to_mla
     from hf_ext.mla.distill import DistillConfig, distill
     from hf_ext.mla.measure import kv_bytes_per_token
+    from hf_ext.mla.export import engine_latent_dims
     from hf_ext.zoo import HUB_IDS, load_corpus
 
     store = None
@@ -67,8 +69,11 @@ def run(args) -> None:
     if args.lossless:
         ucfg = UpcycleConfig.lossless(model.config)
     else:
-        ucfg = UpcycleConfig(kv_ratio=args.kv_ratio if not (args.kv_lora_rank or args.energy) else None,
-                             kv_lora_rank=args.kv_lora_rank, energy=args.energy, qk_rope_head_dim=args.rope_dim,
+        kv_lora_rank, rope_dim = args.kv_lora_rank, args.rope_dim or 24
+        if args.format == "deepseek_v3" and not (args.kv_ratio or args.kv_lora_rank or args.energy):
+            kv_lora_rank, rope_dim = engine_latent_dims(model.config, rope_dim=args.rope_dim or 32)
+        ucfg = UpcycleConfig(kv_ratio=args.kv_ratio if not (kv_lora_rank or args.energy) else None,
+                             kv_lora_rank=kv_lora_rank, energy=args.energy, qk_rope_head_dim=rope_dim,
                              rope_key_sharing=args.rope_sharing, rope_selection=args.rope_selection,
                              rope_rotation=args.rope_rotation,
                              kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight,

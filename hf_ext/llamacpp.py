@@ -178,21 +178,22 @@ def llamacpp_kv_cache_mib(gguf, n_ctx: int, threads: int | None = None) -> float
 
 
 def llamacpp_bench(gguf, depths=(0, 4096, 16384), flash_attn=(0, 1), n_gen: int = 32, reps: int = 3,
-                   threads: int | None = None) -> list[dict]:
+                   threads: int | None = None, cache_type: str = "f16") -> list[dict]:
     """``llama-bench``: generation tok/s after ``depth`` tokens of context, for each flash-attention setting.
 
-    Returns rows ``{"depth", "flash_attn", "tok_s", "tok_s_std", "samples"}`` (llama-bench's own statistics over
-    ``reps`` repetitions).
+    ``cache_type`` is the KV cache's type (``-ctk``/``-ctv``: f16, bf16, q8_0, ...; llama.cpp needs flash
+    attention for a quantized V cache). Returns rows ``{"depth", "flash_attn", "cache", "tok_s", "tok_s_std",
+    "samples"}`` (llama-bench's own statistics over ``reps`` repetitions).
     """
     ensure_llamacpp()
     cmd = [str(_tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_gen), "-r", str(reps),
            "-d", ",".join(map(str, depths)), "-fa", ",".join(map(str, flash_attn)), "-t", _threads(threads),
-           "-o", "json"]
+           "-ctk", cache_type, "-ctv", cache_type, "-o", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise LlamaCppError(f"llama-bench failed (exit {p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-10:]))
     rows = json.loads(p.stdout)
-    return [{"depth": r["n_depth"], "flash_attn": int(r["flash_attn"]), "tok_s": r["avg_ts"],
+    return [{"depth": r["n_depth"], "flash_attn": int(r["flash_attn"]), "cache": cache_type, "tok_s": r["avg_ts"],
              "tok_s_std": r["stddev_ts"], "samples": r.get("samples_ts")} for r in rows]
 
 

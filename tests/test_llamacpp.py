@@ -84,11 +84,13 @@ def llamacpp_build():
 def ggufs(llamacpp_build, tmp_path_factory):
     from hf_ext.eval import tokenize
     from hf_ext.mla import UpcycleConfig, save_deepseek_v3, upcycle_to_mla
+    from hf_ext.mla.export import engine_latent_dims
     from hf_ext.zoo import load_causal_lm, load_corpus, resolve_model
 
     work = tmp_path_factory.mktemp("llamacpp")
     model, tok = load_causal_lm("smollm2-135m")
-    mla, rep = upcycle_to_mla(model, UpcycleConfig(kv_ratio=6.4, target="deepseek_v3"),
+    r, d_r = engine_latent_dims(model.config)           # the CLI's DeepSeek default: 32 + 32 (6.0x)
+    mla, rep = upcycle_to_mla(model, UpcycleConfig(kv_lora_rank=r, qk_rope_head_dim=d_r, target="deepseek_v3"),
                               calib_ids=tokenize(tok, load_corpus("python-docs:train"), 4096), progress=False)
     folders = {"source": resolve_model("smollm2-135m"), "mla": save_deepseek_v3(mla, work / "mla", tokenizer=tok)}
     text = work / "eval.txt"
@@ -126,7 +128,7 @@ def test_real_llamacpp_perplexity_equals_ours_on_the_same_weights(ggufs, name):
 @pytest.mark.real
 def test_real_llamacpp_kv_cache_of_the_export_is_the_latent(ggufs):
     """llama.cpp's own allocation at 16k: the source caches 2 x 3 KV heads x 64 values per token and layer, the
-    export one latent of kv_lora_rank + rope dims (60 at 6.4x), both f16."""
+    export one latent of kv_lora_rank + rope dims (32 + 32 at the CLI's default), both f16."""
     L, n_ctx, f16 = 30, 16384, 2
     src = llamacpp.llamacpp_kv_cache_mib(ggufs["source", "f16"], n_ctx)
     mla = llamacpp.llamacpp_kv_cache_mib(ggufs["mla", "f16"], n_ctx)

@@ -43,6 +43,35 @@ class ExportError(HfExtError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------- upcycling side
+ENGINE_ALIGN = 64     # llama.cpp's CPU f16 dot/axpy loops run 64 lanes per step on AVX512 (32 on AVX2)
+Q8_0_BLOCK = 32       # a q8_0 KV cache quantises rows in blocks of 32; the value view (c_kv) must be whole blocks
+
+
+def engine_latent_dims(source_config, min_ratio: float = 6.0, rope_dim: int = 32) -> tuple[int, int]:
+    """(kv_lora_rank, qk_rope_head_dim) for a DeepSeek-V3 export that serving engines' kernels run well.
+
+    A DeepSeek MLA cache row is [c_kv; k_rope]: llama.cpp's attention dots run over the row (``r + d_r``) and
+    accumulate values over ``c_kv`` (``r``). Their f16 loops take 64 (AVX512) or 32 (AVX2) elements per step
+    and finish the rest one scalar at a time, so a row of 60 (r 36 + d_r 24, 6.4x on SmolLM2) is all scalar on
+    AVX512 (measured: ``benchmarks/results/llamacpp_shapes.json``). This picks the widest row that is a multiple
+    of 64 and still ``min_ratio`` smaller than the source's K+V, with ``r`` a multiple of 32 (q8_0 cache blocks).
+
+    Example: SmolLM2-135M caches 2 x 3 x 64 = 384 values per token per layer, so 384 / 6 = 64 = 32 + 32.
+        >>> from types import SimpleNamespace as C
+        >>> engine_latent_dims(C(num_key_value_heads=3, head_dim=64, hidden_size=576, num_attention_heads=9))
+        (32, 32)
+    """
+    head_dim = getattr(source_config, "head_dim", None) or source_config.hidden_size // source_config.num_attention_heads
+    values = 2 * source_config.num_key_value_heads * head_dim          # K + V values per token per layer
+    row = int(values / min_ratio) // ENGINE_ALIGN * ENGINE_ALIGN
+    r = row - rope_dim
+    if row == 0 or r < Q8_0_BLOCK or r % Q8_0_BLOCK:
+        raise ExportError(f"no cache row that is a multiple of {ENGINE_ALIGN} with a {rope_dim}-dim RoPE key is "
+                          f"{min_ratio}x smaller than this source's {values} values per token; pass "
+                          "--kv-lora-rank and --rope-dim yourself")
+    return r, rope_dim
+
+
 def check_deepseek_source(model, ucfg, qk_norm: bool) -> None:
     """Refuse a source (or option) that ``target="deepseek_v3"`` cannot express; resolve the RoPE selection."""
     cfg, attn = model.config, model.model.layers[0].self_attn

@@ -113,3 +113,17 @@ def test_an_hf_ext_mla_model_names_the_fix():
                             progress=False)
     with pytest.raises(ExportError, match="target='deepseek_v3'"):
         export_deepseek_v3(mla)
+
+
+def test_engine_latent_dims_fill_whole_simd_steps_at_the_ratio():
+    """The CLI's DeepSeek default: a cache row that is a multiple of 64, >= 6x smaller than K+V, r whole q8_0 blocks."""
+    from types import SimpleNamespace
+
+    from hf_ext.mla.export import engine_latent_dims
+
+    cfg = lambda kv, hd: SimpleNamespace(num_key_value_heads=kv, head_dim=hd, hidden_size=576, num_attention_heads=9)
+    assert engine_latent_dims(cfg(3, 64)) == (32, 32)                  # SmolLM2: 384 values -> 64 = 32 + 32
+    assert engine_latent_dims(cfg(8, 128)) == (288, 32)                # Llama-3-8B: 2048 / 6 = 341 -> 320
+    assert engine_latent_dims(cfg(8, 128), rope_dim=64) == (256, 64)
+    with pytest.raises(ExportError, match="--kv-lora-rank and --rope-dim"):
+        engine_latent_dims(cfg(2, 16))                                 # 64 values: no 64-wide row is 6x smaller

@@ -93,13 +93,15 @@ def test_real_cli_convert_mla_json_card_and_remote_code(tmp_path, capsys):
 
 @pytest.mark.numerics
 def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
-    """SmolLM2 at 6.4x in DeepSeek-V3 form: the CLI writes a checkpoint that transformers loads with no remote
-    code (DeepseekV3ForCausalLM) and that computes our MLA model's logits and greedy tokens."""
+    """SmolLM2 in DeepSeek-V3 form at the CLI's default shape (kv_lora_rank 32 + RoPE 32, 6.0x: the cache row
+    llama.cpp's kernels like): the CLI writes a checkpoint that transformers loads with no remote code
+    (DeepseekV3ForCausalLM) and that computes our MLA model's logits and greedy tokens."""
     out = tmp_path / "ds"
-    assert main(["convert", "mla", "--model", "smollm2-135m", "--kv-ratio", "6.4", "--format", "deepseek_v3",
+    assert main(["convert", "mla", "--model", "smollm2-135m", "--format", "deepseek_v3",
                  "--calib-tokens", "4096", "--max-tokens", "512", "--out", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert r["architecture"] == "DeepseekV3ForCausalLM" and r["kv_values_per_token"] == 60
+    assert r["architecture"] == "DeepseekV3ForCausalLM" and r["kv_values_per_token"] == 64
+    assert (r["kv_lora_rank"], r["qk_rope_head_dim"]) == (32, 32) and r["kv_ratio"] == 6.0
     # the reloaded export's logits are within REAL_FP32_RTOL * max|logit| of ours, and a token's NLL (a log-softmax)
     # moves by at most 2 max|dlogit|: 2 * 1e-5 * ~40 (SmolLM2's largest logits) = 8e-4 in mean NLL, so in ppl too
     assert r["ppl_exported"] == pytest.approx(r["ppl_converted"], rel=1e-3)
@@ -118,7 +120,7 @@ def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
     """)
     assert got["cls"] == "DeepseekV3ForCausalLM"
     model, tok = load_causal_lm("smollm2-135m")
-    mla, _ = upcycle_to_mla(model, UpcycleConfig(kv_ratio=6.4, target="deepseek_v3"),
+    mla, _ = upcycle_to_mla(model, UpcycleConfig(kv_lora_rank=32, qk_rope_head_dim=32, target="deepseek_v3"),
                             calib_ids=tokenize(tok, load_corpus("python-docs:train"), 4096), progress=False)
     logits, tokens = greedy(mla, torch.tensor(got["x"]), max_new_tokens=8)
     atol = REAL_FP32_RTOL * max(float(s.abs().max()) for s in logits)
