@@ -24,6 +24,8 @@ def _table(rows: list[dict]) -> str:
 
 def render(result: dict) -> str:
     out = [f"## {result['title']}", "", f"Command: `{result['command']}`", "", f"Machine: {result.get('machine', '?')}", ""]
+    if result.get("reproduce"):
+        out += [f"Reproduce: {result['reproduce']}", ""]
     for name, section in result["sections"].items():
         out += [f"### {name}", ""]
         if section.get("note"):
