@@ -52,9 +52,10 @@ def engine_latent_dims(source_config, min_ratio: float = 6.0, rope_dim: int = 32
 
     A DeepSeek MLA cache row is [c_kv; k_rope]: llama.cpp's attention dots run over the row (``r + d_r``) and
     accumulate values over ``c_kv`` (``r``). Their f16 loops take 64 (AVX512) or 32 (AVX2) elements per step
-    and finish the rest one scalar at a time, so a row of 60 (r 36 + d_r 24, 6.4x on SmolLM2) is all scalar on
-    AVX512 (measured: ``benchmarks/results/llamacpp_shapes.json``). This picks the widest row that is a multiple
-    of 64 and still ``min_ratio`` smaller than the source's K+V, with ``r`` a multiple of 32 (q8_0 cache blocks).
+    and finish the rest one scalar at a time (ggml-cpu's ``vec.h``), so a row of 60 (r 36 + d_r 24, 6.4x on
+    SmolLM2) is all scalar on AVX512; the 64-wide rows are measured in ``benchmarks/results/llamacpp_shapes.json``.
+    This picks the widest row that is a multiple of 64 and still ``min_ratio`` smaller than the source's K+V,
+    with ``r`` a multiple of 32 (q8_0 cache blocks).
 
     Example: SmolLM2-135M caches 2 x 3 x 64 = 384 values per token per layer, so 384 / 6 = 64 = 32 + 32.
         >>> from types import SimpleNamespace as C
