@@ -19,7 +19,6 @@ The default sections are quality, memory, speed and profile; shapes (random weig
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ from hf_ext.eval import llamacpp_protocol_perplexity, tokenize  # noqa: E402
 from hf_ext.llamacpp import (convert_to_gguf, ensure_llamacpp, llamacpp_bench, llamacpp_kv_cache_mib,  # noqa: E402
                              llamacpp_perplexity)
 from hf_ext.zoo import load_corpus, resolve_model  # noqa: E402
+from run_all import save_result  # noqa: E402
 
 MIB_BUDGET = 1024      # the fixed KV budget for "longest context that fits"
 
@@ -247,13 +247,9 @@ def main():
         extra = {"quality": (text_file,), "shapes": (work,)}.get(name, ())
         sections[titles[name]] = globals()[f"section_{name}"](models, ggufs, args, *extra)
         print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    result = {"title": f"SmolLM2-135M vs its MLA DeepSeek-V3 export ({Path(models['mla']).name}) in llama.cpp",
-              "command": "python " + " ".join(sys.argv), "llama.cpp": "vendored in llama-cpp-python==0.3.36",
-              "machine": f"{platform.processor() or platform.machine()}, {args.threads or 'all'} threads",
-              "sections": sections}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {args.out}")
+    save_result(args.out, f"SmolLM2-135M vs its MLA DeepSeek-V3 export ({Path(models['mla']).name}) in llama.cpp",
+                f"{platform.processor() or platform.machine()}, {args.threads or 'all'} threads", sections,
+                **{"llama.cpp": "vendored in llama-cpp-python==0.3.36"})
 
 
 if __name__ == "__main__":

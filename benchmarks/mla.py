@@ -11,7 +11,6 @@ side by side in one process; speed is reported as MLA / source ratios too.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -25,6 +24,7 @@ from hf_ext.eval import window_nll  # noqa: E402
 from hf_ext.mla import UpcycleConfig, upcycle_to_mla  # noqa: E402
 from hf_ext.mla.distill import DistillConfig, distill  # noqa: E402
 from hf_ext.mla.measure import decode_tokens_per_s, kv_bytes_per_token  # noqa: E402
+from run_all import save_result  # noqa: E402
 
 RATIOS = [2, 4, 6.4, 8, 10.6]
 INITS = {  # name -> UpcycleConfig fields (kv size set per ratio)
@@ -247,12 +247,8 @@ def main():
         print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     title = f"MLA upcycling of {Path(args.model).name} ({args.device}{', random-init weights' if args.random_init else ''})"
-    result = {"title": title, "command": "python " + " ".join(sys.argv),
-              "machine": gpu or f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-              "sections": sections}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=float))
-    print(f"wrote {args.out}")
+    save_result(args.out, title, gpu or f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                sections)
 
 
 if __name__ == "__main__":

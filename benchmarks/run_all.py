@@ -15,6 +15,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 
+def save_result(out, title: str, machine: str, sections: dict, **extra) -> None:
+    """Write one benchmark's result file (what ``render`` reads), with the command line that produced it."""
+    result = {"title": title, "command": "python " + " ".join(sys.argv), **extra, "machine": machine,
+              "sections": sections}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1, default=lambda v: float(v) if hasattr(v, "__float__") else str(v)))
+    print(f"wrote {out}")
+
+
 def _table(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
