@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--checkpoint-dir", help="save/resume distillation state here")
+    p.add_argument("--norm-anneal", type=float, default=None,
+                   help="deepseek_v3: the fraction of distillation steps over which the KV latent norm goes from "
+                        "the identity to DeepSeek's (default 0.5 with latent norms; 0 trains it as it starts)")
     add_output_args(p)
     add_eval_args(p)
     add_json_arg(p)
@@ -90,7 +93,8 @@ def run(args) -> None:
     if args.distill_tokens > 0:
         train_ids = store or tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
         log = distill(mla, model, train_ids, DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len,
-                      batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir))
+                      batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
+                                                   norm_anneal=args.norm_anneal))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
                       distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"])
     prompt = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])

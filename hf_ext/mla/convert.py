@@ -80,6 +80,7 @@ class UpcycleConfig:
             norm is active, its gain the calibrated RMS of c_kv: every token's K and V are rescaled by
             E[rms(c)] / rms(c_t)) or ``"eps"`` (c_kv is scaled down until the norm's epsilon dominates, so the
             norm is the identity to ~1e-6; exact in float32, but the tiny weights do not survive float16).
+            Distilling a ``"gain"`` model anneals the norm in from the identity (``DistillConfig.norm_anneal``).
     """
 
     kv_lora_rank: int | None = None

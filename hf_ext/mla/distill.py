@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HfExtError
+from .anneal import NORM_ANNEAL, LatentNormAnneal
 
 
 @dataclass
@@ -31,6 +33,9 @@ class DistillConfig:
     trainable: "attention" (only the MLA attention weights), "all", or a comma list of name substrings.
     hidden_mse: weight of the final-hidden-state MSE term (0 = logits KL only).
     checkpoint_dir / checkpoint_every: where and how often (steps) to save accelerate state; resume from it.
+    norm_anneal: for a DeepSeek-form student (``latent_norm=True``), the fraction of steps over which each KV
+        latent RMSNorm goes from the identity to itself (``hf_ext.mla.anneal``); 0 trains the norm as it is.
+        None (default): ``NORM_ANNEAL`` for a student with latent norms, else 0.
     """
 
     tokens: int = 100_000
@@ -43,6 +48,7 @@ class DistillConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 100
     seed: int = 0
+    norm_anneal: float | None = None
 
 
 def trainable_names(model, spec: str) -> list[str]:
@@ -114,9 +120,21 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
                            acc.unwrap_model(student).config.vocab_size)
     else:
         it = iter(acc.skip_first_batches(loader, start) if start else loader)
+    anneal, frac = None, cfg.norm_anneal
+    if frac is None:
+        frac = NORM_ANNEAL if getattr(acc.unwrap_model(student).config, "latent_norm", False) else 0.0
+    if frac > 0:
+        anneal = LatentNormAnneal(acc.unwrap_model(student), round(frac * steps))
+        saved = ckpt / "anneal.json" if ckpt is not None else None
+        p_ref = json.loads(saved.read_text()) if start and saved is not None and saved.exists() else None
     bar = tqdm(range(start, steps), desc="mla: distill", unit="step", disable=not (progress and acc.is_main_process))
     for step in bar:
         x = next(it)
+        if anneal is not None and anneal.p_ref is None:
+            p_ref = anneal.start(student, x, start, p_ref)
+            if ckpt is not None and acc.is_main_process:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                (ckpt / "anneal.json").write_text(json.dumps(p_ref))
         with torch.no_grad():
             t_out = teacher(input_ids=x, output_hidden_states=cfg.hidden_mse > 0, use_cache=False)
         s_out = student(input_ids=x, use_cache=False, output_hidden_states=cfg.hidden_mse > 0)
@@ -129,6 +147,8 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        if anneal is not None:
+            anneal.step(step)
         losses.append(loss.item())
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
         if on_step is not None:
@@ -140,6 +160,8 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
             acc.save_state(str(ckpt))
             if acc.is_main_process:
                 (ckpt / "step.txt").write_text(str(step + 1))
+    if anneal is not None:
+        anneal.close()
     secs = time.perf_counter() - t0 - paused
     done = steps - start
     acc.unwrap_model(student).eval()

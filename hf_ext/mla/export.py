@@ -9,7 +9,9 @@ form (``UpcycleConfig(target="deepseek_v3")``, then distilled if you like) befor
   vector interleaved (x0, y0, x1, y1, ...) where ours are rotate-half (x0, x1, ..., y0, y1, ...), which is
   what ``rope_interleave=True`` and llama.cpp's "norm" RoPE expect; the export permutes those rows.
 - **Latent norms:** RMSNorm on c_kv (``kv_a_layernorm``, epsilon 1e-6 in transformers) and on the query
-  latent (``q_a_layernorm``). Our ``latent_norm=True`` is the same computation.
+  latent (``q_a_layernorm``). Our ``latent_norm=True`` is the same computation. The KV norm is not linear,
+  so a training-free upcycling loses to it; distillation (``hf_ext.mla.distill``) anneals it in from the
+  identity by default (``hf_ext.mla.anneal``).
 - **Query latent:** llama.cpp's deepseek2 loader needs ``q_lora_rank`` unless the model has 26 or 27 layers
   (it guesses the "lite" variant from the count). ``fill_deepseek_latents`` builds an exact one: with
   q_a = diag(1/g) and the query latent norm's gain g, where g is the attention input norm's gain, the latent
