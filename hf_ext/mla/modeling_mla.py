@@ -8,9 +8,11 @@
 
 Per layer and token the cache holds c_kv = W_DKV x (``kv_lora_rank`` values) and the decoupled RoPE
 key(s) (``n_rope_heads * qk_rope_head_dim`` values), in ``MLALatentLayer``, a transformers cache layer
-type that ``generate()`` builds from ``config.layer_types``. Sources that RMS-normalise each key head
-(``qk_norm``, Qwen3) also cache that per-head scale (``num_key_value_heads`` values): it multiplies the
-position-free part of the keys, so it cannot be folded into a latent shared with the values.
+type that ``generate()`` builds from ``config.layer_types`` (``MLAStaticLatentLayer``, preallocated, with
+``cache_implementation="static"``: the decode step then compiles in one graph with ``torch.compile``).
+Sources that RMS-normalise each key head (``qk_norm``, Qwen3) also cache that per-head scale
+(``num_key_value_heads`` values): it multiplies the position-free part of the keys, so it cannot be folded
+into a latent shared with the values.
 
 Two equivalent attention paths:
 - expanded (prefill): K_nope and V are expanded from the cached latent by ``kv_b_proj``, and attention
@@ -26,7 +28,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -44,6 +46,25 @@ class MLALatentLayer(DynamicLayer):
     """
 
     _layer_type = "mla_latent"
+
+
+class MLAStaticLatentLayer(StaticLayer):
+    """The latent cache preallocated for ``max_cache_len`` tokens, for ``torch.compile`` and CUDA graphs.
+
+    ``generate(..., cache_implementation="static")`` builds one per layer (transformers maps the layer type
+    ``"mla_latent"`` to it). ``keys`` is c_kv (B, 1, L, r) [+ key scales], ``values`` the RoPE key
+    (B, n_rope, L, d_r), written in place at the running position; slots past it are masked.
+    """
+
+    _layer_type = "mla_latent"
+
+    def lazy_initialization(self, key_states, value_states):
+        # StaticLayer gives keys and values one head count; the latent has 1 "head", the RoPE key n_rope
+        super().lazy_initialization(key_states, key_states)
+        self.values = value_states.new_zeros(*value_states.shape[:2], self.max_cache_len, value_states.shape[-1])
+        self.v_head_dim = value_states.shape[-1]
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.values)
 
 
 class MLARMSNorm(nn.Module):
@@ -155,9 +176,10 @@ class MLAAttention(nn.Module):
         cos, sin = cos[..., self.rope_freq_index], sin[..., self.rope_freq_index]  # (B, T, n_rope, d_r/2)
         return cos.transpose(1, 2), sin.transpose(1, 2)                     # (B, n_rope, T, d_r/2)
 
-    def _use_absorbed(self, q_len, past_len):
+    def _use_absorbed(self, q_len, cached):
+        # one new token against a cache: decode. (A one-token prompt takes it too: both paths are exact.)
         mode = self.config.absorb
-        return mode == "always" or (mode == "auto" and q_len == 1 and past_len > 0)
+        return mode == "always" or (mode == "auto" and q_len == 1 and cached)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         B, T, _ = hidden_states.shape
@@ -178,10 +200,12 @@ class MLAAttention(nn.Module):
         k_rope = apply_rope(k_rope, cos, sin)
         q_rope = apply_rope(q_rope.view(B, n_rope, H // n_rope, T, d_r), cos[:, :, None], sin[:, :, None]).view(B, H, T, d_r)
         past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if isinstance(past_len, torch.Tensor):      # a static layer's running length, which update() advances
+            past_len = past_len.clone()
         if cache is not None:
             c_kv, k_rope = cache.update(c_kv, k_rope, self.layer_idx)       # (B, 1, S, r [+ n_kv]), (B, n_rope, S, d_r)
         c_kv, s = c_kv[..., : self.r], (c_kv[:, 0, :, self.r:] if self.config.qk_norm else None)  # s (B, S, n_kv)
-        if self._use_absorbed(T, past_len):
+        if self._use_absorbed(T, cache is not None):
             out = self._absorbed(q_nope, q_rope, c_kv, k_rope, s, attention_mask, past_len)
         else:
             out = self._expanded(q_nope, q_rope, c_kv, k_rope, s, attention_mask, **kwargs)
@@ -233,7 +257,7 @@ def _as_bool_mask(mask, T, S, past_len, device):
     if mask is None:
         if T == 1:
             return None
-        pos_q = torch.arange(T, device=device)[:, None] + (S - T)
+        pos_q = torch.arange(T, device=device)[:, None] + past_len          # (T, 1); keys past it are masked
         return torch.arange(S, device=device)[None, :] <= pos_q
     if mask.dtype == torch.bool:
         return mask
@@ -282,6 +306,7 @@ class MLAPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False  # q/k (d_n + d_r) and v (d_v) widths differ
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # the absorbed decode step over MLAStaticLatentLayer (tests/mla/test_mla_static.py)
 
     @torch.no_grad()
     def _init_weights(self, module):

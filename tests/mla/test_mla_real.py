@@ -132,3 +132,30 @@ def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
     atol = REAL_FP32_RTOL * max(float(s.abs().max()) for s in logits)
     assert_greedy_agrees([torch.tensor(s, dtype=torch.float64) for s in got["logits"]], torch.tensor(got["tokens"]), logits,
                          tokens, atol, min_steps=6)
+
+
+@pytest.mark.numerics
+def test_real_static_cache_and_compiled_decode_equal_the_dynamic_eager_ones(smollm2):
+    from transformers import StaticCache
+
+    model, tok = smollm2
+    calib = tokenize(tok, load_corpus("python-docs:train"), 2048)
+    mla, _ = upcycle_to_mla(model, UpcycleConfig(kv_ratio=6.4), calib_ids=calib, progress=False)
+    prompt = torch.tensor([tok("def fibonacci(n):", add_special_tokens=False)["input_ids"]])
+    dyn = greedy(mla, prompt, max_new_tokens=12)
+    sta = greedy(mla, prompt, max_new_tokens=12, cache_implementation="static")
+    atol = REAL_FP32_RTOL * float(torch.stack(dyn[0]).abs().max())   # fp32 rounding of the same sums
+    assert_greedy_agrees(*sta, *dyn, atol, min_steps=10)
+    x, new = prompt, tokenize(tok, load_corpus("python-docs:eval"), 6)[None]
+    torch._dynamo.reset()
+    step = torch.compile(mla.forward, fullgraph=True)
+    runs = []
+    with torch.no_grad():
+        for fn in (mla.forward, step):
+            cache = StaticCache(config=mla.config, max_cache_len=32)
+            mla(x, cache=cache, use_cache=True)
+            runs.append(torch.stack([fn(input_ids=new[:, t:t + 1], cache=cache, use_cache=True,
+                                        position_ids=torch.full((1, 1), x.shape[1] + t)).logits[:, -1]
+                                     for t in range(new.shape[1])]))
+    # inductor reorders and fuses the fp32 sums: rounding of the same computation (tests/numerics.py)
+    assert_close_rel(runs[1], runs[0], REAL_FP32_RTOL)
