@@ -16,6 +16,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# torch.compile's on-disk kernel cache is not keyed by ATEN_CPU_CAPABILITY (torch 2.14): a kernel built with
+# AVX512 vectors is reused under avx2 (NaN logits) or default (a C++ error). One cache folder per capability.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 
 
 def _asset_roots() -> tuple[str, ...]:
