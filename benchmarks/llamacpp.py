@@ -13,7 +13,8 @@ Sections, all side by side in one run, nothing else on the CPU:
   (f16 with flash attention off and on; bf16, which keeps f16's bytes, with it on);
 - shapes: the same speed for random-weight MLA shapes near 6x (kv_lora_rank + rope dims), to find the
   dims llama.cpp's kernels like, plus a split of each token's time into weights (depth 0) and attention;
-- profile: perf's split of a generated token's CPU time by function (source vs MLA).
+- profile: perf's split of a generated token's CPU time by function (source vs MLA);
+- race: the two models' fastest settings at 16k, in interleaved rounds (drift falls on both alike).
 The default sections are quality, memory, speed and profile; shapes (random weights) takes another ~20 min.
 """
 from __future__ import annotations
@@ -207,6 +208,34 @@ def section_profile(models, ggufs, args):
             "rows": rows}
 
 
+def section_race(models, ggufs, args):
+    """Head to head at ``--race-depth``: every setting in ``--race`` once per round, rounds in rotated order,
+    so the VM's drift (up to ~20% over a long run here) falls on both models alike. Per round, the ratio of
+    the best MLA setting to the best source setting; the summary is the median of those ratios."""
+    settings = [tuple(x.split(":")) for x in args.race.split(",")]    # (model, cache type, flash attention)
+    rows = []
+    for k in range(args.rounds):
+        for name, cache, fa in settings[k % len(settings):] + settings[: k % len(settings)]:
+            r = llamacpp_bench(ggufs[name, "f16"], depths=(args.race_depth,), flash_attn=(int(fa),), n_gen=args.n_gen,
+                               reps=args.reps, threads=args.threads, cache_type=cache)[0]
+            rows.append({"round": k, "model": name, "cache": cache, "flash_attn": int(fa),
+                         "tok_s_median": statistics.median(r.pop("samples") or [r["tok_s"]])})
+            print(rows[-1], flush=True)
+    best = {(k, m): max(r["tok_s_median"] for r in rows if r["round"] == k and r["model"] == m)
+            for k in range(args.rounds) for m in ("source", "mla")}
+    ratios = [best[k, "mla"] / best[k, "source"] for k in range(args.rounds)]
+    per_setting = {f"{n}, {c} cache, fa {f}": statistics.median(r["tok_s_median"] for r in rows if
+                                                                 (r["model"], r["cache"], r["flash_attn"]) == (n, c, int(f)))
+                   for n, c, f in settings}
+    summary = [{"setting": k, "tok_s_median_over_rounds": v} for k, v in per_setting.items()]
+    summary.append({"setting": "MLA best / source best, per round", "ratios": [round(x, 3) for x in ratios],
+                    "median": statistics.median(ratios)})
+    print(summary, flush=True)
+    return {"note": f"f16 weights, generation of {args.n_gen} tokens after {args.race_depth} tokens of context, "
+                    f"median of {args.reps} repetitions per run, {args.rounds} rounds of every setting in rotated "
+                    f"order, {args.threads or 'all'} threads.", "rows": rows, "summary": summary}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--deepseek", help="a DeepSeek-V3 export folder (default: made training-free here)")
@@ -223,6 +252,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--caches", default="f16,bf16", help="speed: KV cache types (bf16 keeps f16's bytes; q8_0 too)")
     ap.add_argument("--shapes", default="32+32,40+24,48+16,24+40", help="kv_lora_rank+rope_dim, comma-separated")
+    ap.add_argument("--race", default="source:f16:0,source:q8_0:1,mla:bf16:1,mla:q8_0:1",
+                    help="race: model:cache:flash_attn settings, run once per round")
+    ap.add_argument("--race-depth", type=int, default=16384)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile-depth", type=int, default=4096, help="profile: the context depth perf samples at")
     ap.add_argument("--work", help="keep GGUFs here (default: a temporary folder)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "llamacpp.json"))
@@ -241,7 +274,8 @@ def main():
              for t in outtypes}
     sections, titles = {}, {"quality": "Perplexity in llama.cpp", "memory": "KV cache in llama.cpp",
                             "speed": "Generation speed in llama.cpp", "shapes": "Latent shapes near 6.4x",
-                            "profile": "Where a generated token's time goes (perf)"}
+                            "profile": "Where a generated token's time goes (perf)",
+                            "race": "Head to head at one depth, interleaved"}
     for name in args.sections.split(","):
         t = time.perf_counter()
         extra = {"quality": (text_file,), "shapes": (work,)}.get(name, ())

@@ -96,7 +96,8 @@ def run(args) -> None:
                       batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
                                                    norm_anneal=args.norm_anneal))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
-                      distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"])
+                      distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"],
+                      **({"norm_anneal": log["norm_anneal"]} if log["norm_anneal"] else {}))
     prompt = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
     result["kv_bytes_per_token_source"] = kv_bytes_per_token(model, prompt)
     result["kv_bytes_per_token"] = kv_bytes_per_token(mla, prompt)

@@ -71,7 +71,8 @@ def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def distill(student, teacher, train_ids, config: DistillConfig | None = None,
             progress: bool = True, accelerator=None, on_step=None) -> dict:
-    """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss.
+    """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss, and the
+    latent norm anneal fraction used.
 
     ``train_ids``: a 1-D tensor of token ids (cut into ``seq_len`` windows), or an hf-ext token store
     (folder or ``ShardedDataset`` of ``seq_len`` windows, see ``hf_ext.data``) read by its fast loader.
@@ -167,4 +168,5 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
     acc.unwrap_model(student).eval()
     return {"steps": steps, "tokens": steps * cfg.seq_len * cfg.batch_size * acc.num_processes,
             "seconds": secs, "tokens_per_s": done * cfg.seq_len * cfg.batch_size / max(secs, 1e-9),
-            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:]))}
+            "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "norm_anneal": frac}
