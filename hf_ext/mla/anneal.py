@@ -50,7 +50,7 @@ class LatentNormAnneal:
 
     def _hook(self, i):
         def record(module, args):
-            self.power[i] = float(args[0].detach().float().pow(2).mean())
+            self.power[i] = args[0].detach().float().pow(2).mean()   # a tensor: no device sync per layer
         return record
 
     def epsilon(self, i: int, t: int) -> float:
@@ -69,7 +69,7 @@ class LatentNormAnneal:
                 m.variance_epsilon = self.epsilon(i, t)
             return self.p_ref
         model(input_ids=batch, use_cache=False)
-        self.p_ref = list(self.power)
+        self.p_ref = [float(p) for p in self.power]
         for i in range(len(self.norms)):
             self._move(i, self.epsilon(i, t))
         return self.p_ref
@@ -77,16 +77,23 @@ class LatentNormAnneal:
     def step(self, t: int) -> None:
         for i in range(len(self.norms)):
             self._move(i, self.epsilon(i, t + 1))
+        if t + 1 >= self.steps:                            # every norm is at its own epsilon: stop measuring
+            self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
 
     @torch.no_grad()
     def _move(self, i: int, e_new: float) -> None:
-        m, p = self.norms[i], self.power[i]
+        m = self.norms[i]
         if e_new != m.variance_epsilon:
+            p = float(self.power[i])
             m.weight.mul_(math.sqrt((p + e_new) / (p + m.variance_epsilon)))
             m.variance_epsilon = e_new
 
     def close(self) -> None:
         for i in range(len(self.norms)):
             self._move(i, self.eps[i])
-        for h in self.hooks:
-            h.remove()
+        self._remove_hooks()
