@@ -141,47 +141,50 @@ def section_distill(src, data, args, device):
 
 
 def section_deepseek(src, data, args, device):
-    """What the DeepSeek-V3 form costs at 6.4x, each constraint on its own, then after distillation."""
+    """What the DeepSeek-V3 form costs, each constraint on its own, then after distillation."""
     from hf_ext.mla import save_deepseek_v3
+    from hf_ext.mla.export import fold_identity_latents
 
     cases = {
         "hf-ext default (free RoPE pairs, no latent norms)": dict(),
         "+ geometric RoPE pairs (every c-th frequency)": dict(rope_selection="geometric"),
-        "+ latent norms and query latent, eps init (DeepSeek form, identity norm)": dict(
-            target="deepseek_v3", latent_norm_init="eps"),
-        "+ latent norms and query latent, gain init (DeepSeek form, active norm)": dict(target="deepseek_v3"),
+        "+ DeepSeek's latents as identities (latent_norm_init='identity', folded as exported)": dict(
+            target="deepseek_v3"),
+        "+ an active KV latent norm (latent_norm_init='gain')": dict(target="deepseek_v3", latent_norm_init="gain"),
     }
     shape = dict(kv_ratio=6.4)
     if args.deepseek_shape:                             # e.g. "32+32": kv_lora_rank + qk_rope_head_dim
         r, d_r = map(int, args.deepseek_shape.split("+"))
         shape = dict(kv_lora_rank=r, qk_rope_head_dim=d_r)
+    exported = lambda m: m if m.config.latent_norm else fold_identity_latents(m)   # noqa: E731
     rows, models = [{"case": "source", "ppl": ppl(src, data["eval"])}], {}
     for name, kw in cases.items():
         mla, rep = upcycle_to_mla(src, UpcycleConfig(**shape, **kw), calib_ids=data["calib"], progress=False)
+        m = exported(mla) if kw.get("target") else mla
         rows.append({"case": name, "kv_ratio": round(rep["kv_ratio"], 2), "rope_stride": rep.get("rope_stride"),
-                     "distill_tokens": 0, "ppl": ppl(mla.to(device), data["eval"])})
-        models[name] = mla
+                     "distill_tokens": 0, "ppl": ppl(m.to(device), data["eval"])})
+        models[kw.get("latent_norm_init", "identity") if kw.get("target") else name] = mla
         print(rows[-1], flush=True)
-    if args.distill_tokens:
-        name = list(cases)[-1]
-        for anneal, label in ((0.0, ", distilled"), (None, ", distilled with the norm annealed from the identity")):
-            mla = copy.deepcopy(models[name])
-            cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                                lr=args.lr, norm_anneal=anneal)
-            log = distill(mla, src, data["train"][len(data["calib"]):], cfg, progress=False)
-            rows.append({"case": name + label, "kv_ratio": rows[-1]["kv_ratio"], "distill_tokens": log["tokens"],
-                         "ppl": ppl(mla.eval(), data["eval"])})
-            print(rows[-1], flush=True)
-        if args.save_deepseek:                          # the last one: the default recipe
+    for form in [f for f in args.deepseek_distill.split(",") if f] if args.distill_tokens else []:
+        mla = copy.deepcopy(models[form])
+        cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+        log = distill(mla, src, data["train"][len(data["calib"]):], cfg, progress=False)
+        label = {"identity": "DeepSeek form, identity latents, distilled without them, then folded",
+                 "gain": f"DeepSeek form, active KV norm, distilled (annealed in over {NORM_ANNEAL:.0%} of the steps)"}
+        row = {"case": label[form], "kv_ratio": rows[-1]["kv_ratio"], "distill_tokens": log["tokens"]}
+        if form == "identity":
+            row["ppl_before_folding"] = ppl(mla.eval(), data["eval"])
+        rows.append({**row, "ppl": ppl(exported(mla.eval()), data["eval"])})
+        print(rows[-1], flush=True)
+        if args.save_deepseek and form == args.deepseek_distill.split(",")[0]:
             save_deepseek_v3(mla, args.save_deepseek, tokenizer=data.get("tokenizer"), overwrite=True)
     for r in rows:
         r["ppl_over_source"] = r["ppl"] / rows[0]["ppl"]
     at = f"kv_lora_rank+rope {args.deepseek_shape}" if args.deepseek_shape else "6.4x"
-    return {"note": f"Training-free held-out perplexity at {at}, one DeepSeek-V3 constraint at a time (each row adds "
-                    f"to the one above); distillation: {args.distill_tokens} tokens, lr {args.lr}, attention only; the annealed "
-                    f"run starts the KV norm at the identity and reaches DeepSeek's over the first "
-                    f"{NORM_ANNEAL:.0%} of the steps (hf_ext.mla.anneal).",
-            "rows": rows}
+    return {"note": f"Held-out perplexity at {at}: training-free, one DeepSeek-V3 constraint at a time (each row adds "
+                    f"to the one above, DeepSeek forms measured as exported), then distilled ({args.distill_tokens} "
+                    f"tokens, lr {args.lr}, attention only). 'identity': the model trains with no latent norms and the "
+                    f"export folds in identity ones (hf_ext.mla.export.fold_identity_latents).", "rows": rows}
 
 
 def section_memory(src, data, args, device):
@@ -248,6 +251,8 @@ def main():
                     "(static cache)")
     ap.add_argument("--deepseek-shape", help="deepseek section: kv_lora_rank+qk_rope_head_dim, e.g. 32+32 "
                     "(default: kv_ratio 6.4)")
+    ap.add_argument("--deepseek-distill", default="identity,gain",
+                    help="deepseek section: the forms to distil (identity, gain); the first is saved by --save-deepseek")
     ap.add_argument("--save-deepseek", help="deepseek section: save the distilled DeepSeek-V3 checkpoint here")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla.json"))
     args = ap.parse_args()

@@ -48,7 +48,8 @@ def main():
     rows = [{"norm_anneal": "source", "val_ppl": ppl(src, val)}]
     for frac in (float(f) for f in args.fractions.split(",")):
         torch.manual_seed(0)
-        mla, _ = upcycle_to_mla(src, UpcycleConfig(kv_lora_rank=r, qk_rope_head_dim=d_r, target="deepseek_v3"),
+        mla, _ = upcycle_to_mla(src, UpcycleConfig(kv_lora_rank=r, qk_rope_head_dim=d_r, target="deepseek_v3",
+                                                      latent_norm_init="gain"),
                                 calib_ids=calib, progress=False)
         t = time.perf_counter()
         log = distill(mla, src, train, DistillConfig(tokens=args.tokens, norm_anneal=frac), progress=False)

@@ -31,10 +31,10 @@ from hf_ext.mla.distill import DistillConfig, distill  # noqa: E402
 CASES = {  # name -> (UpcycleConfig fields, DistillConfig fields)
     "free": ("free RoPE pairs (qk_freq), no latent norm", dict(), dict()),
     "geometric": ("geometric RoPE pairs, no latent norm", dict(rope_selection="geometric"), dict()),
-    "deepseek": ("DeepSeek-V3 form (geometric RoPE, KV latent norm, gain init)", dict(target="deepseek_v3"),
-                 dict(norm_anneal=0.0)),
-    "deepseek-anneal": ("DeepSeek-V3 form, norm annealed from the identity", dict(target="deepseek_v3"),
-                        dict(norm_anneal=None)),
+    "deepseek": ("DeepSeek-V3 form (geometric RoPE, KV latent norm, gain init)",
+                 dict(target="deepseek_v3", latent_norm_init="gain"), dict(norm_anneal=0.0)),
+    "deepseek-anneal": ("DeepSeek-V3 form, norm annealed from the identity",
+                        dict(target="deepseek_v3", latent_norm_init="gain"), dict(norm_anneal=None)),
 }
 
 

@@ -24,9 +24,10 @@ def add_parser(sub) -> None:
     p.add_argument("--format", choices=["hf_ext", "deepseek_v3"], default="hf_ext",
                    help="hf_ext: our MLAForCausalLM (remote code); deepseek_v3: a stock DeepseekV3ForCausalLM "
                         "checkpoint (no Python files) for transformers, llama.cpp, vLLM and SGLang")
-    p.add_argument("--latent-norm-init", choices=["gain", "eps"], default="gain",
-                   help="deepseek_v3: the KV latent norm starts active (gain) or as the identity (eps; "
-                        "float32 only, its tiny weights do not survive float16)")
+    p.add_argument("--latent-norm-init", choices=["identity", "gain"], default="identity",
+                   help="deepseek_v3: DeepSeek's latent norms as identities, folded in at export after training "
+                        "without them (identity, default: 1.31x better after distillation), or an active KV norm "
+                        "trained in the model (gain)")
     p.add_argument("--llamacpp", choices=["auto", "off"], default="auto",
                    help="deepseek_v3: also measure the source and the export in llama.cpp (f16 perplexity, KV "
                         "cache at 16k) when a build is present (auto, default), else say how to build one")
@@ -106,6 +107,12 @@ def run(args) -> None:
     result.update({k: report[k] for k in ("rope_stride", "latent_norm_init") if k in report}, format=args.format)
     result.update(eval_text=args.eval_text, eval_tokens=args.max_tokens, window=args.window)
     if args.format == "deepseek_v3":
+        if not mla.config.latent_norm:                     # what the export writes: DeepSeek's latents, as identities
+            from hf_ext.mla.export import fold_identity_latents
+
+            mla = fold_identity_latents(mla)
+            result.update(ppl_before_folding=result["ppl_converted"],
+                          ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"])
         out = save_deepseek(args, mla, tok, eval_text, ev, result)
     else:
         card = render_card("mla", base_model=HUB_IDS.get(args.model, str(args.model)), base_model_relation="finetune",

@@ -39,7 +39,7 @@ from ..errors import HfExtError
 from . import ops
 from .calibration import attention_distances, collect_stats
 from .configuration_mla import MLAConfig
-from .export import check_deepseek_source, fill_deepseek_latents
+from .export import DEEPSEEK_LATENT_EPS, check_deepseek_source, fill_deepseek_latents
 from .modeling_mla import MLAForCausalLM
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -75,12 +75,13 @@ class UpcycleConfig:
         rope_stride: ``geometric`` selection's stride c; None chooses it.
         target: ``"hf_ext"`` (our ``MLAForCausalLM`` layout) or ``"deepseek_v3"``: the layout that
             ``export_deepseek_v3`` writes as a stock DeepSeek-V3 checkpoint (one shared RoPE key with
-            geometric frequencies, latent RMSNorms, a query latent; see ``hf_ext.mla.export``).
-        latent_norm_init: with ``target="deepseek_v3"``, how the KV latent's RMSNorm starts: ``"gain"`` (the
-            norm is active, its gain the calibrated RMS of c_kv: every token's K and V are rescaled by
-            E[rms(c)] / rms(c_t)) or ``"eps"`` (c_kv is scaled down until the norm's epsilon dominates, so the
-            norm is the identity to ~1e-6; exact in float32, but the tiny weights do not survive float16).
-            Distilling a ``"gain"`` model anneals the norm in from the identity (``DistillConfig.norm_anneal``).
+            geometric frequencies, RMSNorm epsilon 1e-6; see ``hf_ext.mla.export``).
+        latent_norm_init: with ``target="deepseek_v3"``, DeepSeek's KV latent RMSNorm: ``"identity"`` (default:
+            the model has no latent norms and trains without them; the export folds in norms that are the
+            identity, ``export.identity_latents``) or ``"gain"`` (the model has the norms and a query latent,
+            the KV norm active with the calibrated RMS of c_kv as its gain: every token's K and V are rescaled
+            by E[rms(c)] / rms(c_t); distillation anneals it in from the identity, ``DistillConfig.norm_anneal``).
+            After the same distillation, "identity" measures 1.31x better (benchmarks/mla_deepseek_cost.py).
     """
 
     kv_lora_rank: int | None = None
@@ -96,7 +97,7 @@ class UpcycleConfig:
     rope_horizon: int = 2048
     rope_stride: int | None = None
     target: str = "hf_ext"
-    latent_norm_init: str = "gain"
+    latent_norm_init: str = "identity"
 
     @classmethod
     def lossless(cls, source_config) -> "UpcycleConfig":
@@ -335,16 +336,18 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
         r = min(max(ops.rank_for_energy(p["evals"], ucfg.energy) for p in plans), max_rank)
     F = len(plans[0]["nope_idx"])
     d_n = min(F, r)
+    active_norm = ucfg.target == "deepseek_v3" and ucfg.latent_norm_init == "gain"
     mcfg = MLAConfig(
         vocab_size=cfg.vocab_size, hidden_size=h, intermediate_size=cfg.intermediate_size, num_hidden_layers=L,
         num_attention_heads=H, num_key_value_heads=n_kv, head_dim=D, kv_lora_rank=r, qk_nope_head_dim=d_n,
         qk_rope_head_dim=ucfg.qk_rope_head_dim, v_head_dim=D, rope_key_sharing=ucfg.rope_key_sharing,
-        q_lora_rank=h if ucfg.target == "deepseek_v3" else None, latent_norm=ucfg.target == "deepseek_v3",
+        q_lora_rank=h if active_norm else None, latent_norm=active_norm,
         rope_freq_index=[[[i for i, _ in head] for head in p["comps"]] for p in plans], qk_norm=qk_norm,
         rope_head_index=[[[j for _, j in head] for head in p["comps"]] for p in plans] if qk_norm else None,
         softmax_scale=getattr(model.model.layers[0].self_attn, "scaling", D ** -0.5),
         hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+        rms_norm_eps=DEEPSEEK_LATENT_EPS if ucfg.target == "deepseek_v3" else cfg.rms_norm_eps,
+        rope_parameters=dict(cfg.rope_parameters),
         attention_bias=any(wt["bq"] is not None or wt["bk"] is not None for wt in weights),
         o_proj_bias=any(wt["bv"] is not None or wt["bo"] is not None for wt in weights),
         mlp_bias=getattr(cfg, "mlp_bias", False), sliding_window=getattr(cfg, "sliding_window", None) if
@@ -357,9 +360,8 @@ def upcycle_to_mla(model, config: UpcycleConfig | None = None, calib_ids: torch.
     energy = []
     for li, (p, w) in enumerate(zip(plans, weights)):
         energy.append(_fill_attention(mla.model.layers[li].self_attn, p, w, r, d_n, H, n_kv, D, ucfg))
-        if ucfg.target == "deepseek_v3":
-            fill_deepseek_latents(mla.model.layers[li], model.model.layers[li].input_layernorm.weight, p["C"],
-                                  ucfg.latent_norm_init)
+        if active_norm:
+            fill_deepseek_latents(mla.model.layers[li], model.model.layers[li].input_layernorm.weight, p["C"])
     mla.generation_config = model.generation_config
     src_values = 2 * n_kv * D
     report = {"kv_values_per_token_source": src_values, "kv_values_per_token": mcfg.kv_values_per_token,

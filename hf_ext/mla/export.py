@@ -8,14 +8,17 @@ form (``UpcycleConfig(target="deepseek_v3")``, then distilled if you like) befor
   frequency index c*j), and then theta' = theta^(c * d_r / head_dim). DeepSeek's weights store each RoPE
   vector interleaved (x0, y0, x1, y1, ...) where ours are rotate-half (x0, x1, ..., y0, y1, ...), which is
   what ``rope_interleave=True`` and llama.cpp's "norm" RoPE expect; the export permutes those rows.
-- **Latent norms:** RMSNorm on c_kv (``kv_a_layernorm``, epsilon 1e-6 in transformers) and on the query
-  latent (``q_a_layernorm``). Our ``latent_norm=True`` is the same computation. The KV norm is not linear,
-  so a training-free upcycling loses to it; distillation (``hf_ext.mla.distill``) anneals it in from the
-  identity by default (``hf_ext.mla.anneal``).
+- **Latent norms:** RMSNorm on c_kv (``kv_a_layernorm``, epsilon 1e-6 in transformers, the config's
+  ``rms_norm_eps`` in llama.cpp, so the export writes 1e-6 there) and on the query latent (``q_a_layernorm``).
+  The KV norm is not linear. ``latent_norm_init="identity"`` (the default) never trains it: the model keeps
+  no latent norms, and the export folds in norms that are the identity (``identity_latents``): c_kv is scaled
+  down until the norm's epsilon dominates its denominator and the gain undoes the scale. Distilled
+  without the norm, the model is 1.31x better than one that learns to live with it
+  (benchmarks/results/mla_deepseek_cost.json). ``"gain"`` keeps an active norm in the model instead.
 - **Query latent:** llama.cpp's deepseek2 loader needs ``q_lora_rank`` unless the model has 26 or 27 layers
-  (it guesses the "lite" variant from the count). ``fill_deepseek_latents`` builds an exact one: with
-  q_a = diag(1/g) and the query latent norm's gain g, where g is the attention input norm's gain, the latent
-  is x/rms(x) (RMS 1), the norm returns g * x/rms(x), which is the attention input, and q_b is the old q_proj.
+  (it guesses the "lite" variant from the count). An exact one: with q_a = diag(1/g) and the query latent
+  norm's gain g, where g is the attention input norm's gain, the latent is x/rms(x) (RMS 1), the norm
+  returns g * x/rms(x), which is the attention input, and q_b is the old q_proj (``query_latent``).
 The softmax scale (ours: the source's head_dim^-1/2; DeepSeek's: (d_nope + d_rope)^-1/2) folds into q_b.
 Every MLP is dense (``first_k_dense_replace = num_hidden_layers``); the MoE fields only satisfy loaders.
 
@@ -38,6 +41,13 @@ import torch
 from ..errors import HfExtError
 
 FP16_MIN_NORMAL = 2.0 ** -14      # 1 / gain beyond 1 / this would overflow float16 weights (65504)
+DEEPSEEK_LATENT_EPS = 1e-6        # transformers' DeepseekV3RMSNorm default, which kv_a_layernorm always gets
+# identity_latents: the folded KV norm is the identity to IDENTITY_RHO / 2 relative for every possible token
+# (a bound, not an average: measured tokens of SmolLM2 sit 10-50x below it), while every weight and
+# activation stays a normal float16 number (see identity_latents for the arithmetic).
+IDENTITY_RHO = 1e-3
+INPUT_SCALE = 2.0 ** -10          # beta: the attention input's scale; rms(beta * y) ~ 3e-4, above f16 subnormals (6.1e-5)
+Q_LATENT_MAX = 2.0 ** 14          # the largest query-latent weight 1 / (k * beta * g), with f16 headroom
 
 
 class ExportError(HfExtError, ValueError):
@@ -102,37 +112,94 @@ def check_deepseek_source(model, ucfg, qk_norm: bool) -> None:
     if ucfg.rope_selection != "geometric":
         raise ExportError(f"rope_selection={ucfg.rope_selection!r} keeps pairs DeepSeek's RoPE cannot express; "
                           "use 'geometric' (every c-th frequency from the fastest) or 'high_freq'")
-    if ucfg.latent_norm_init not in ("gain", "eps"):
-        raise ExportError(f"latent_norm_init={ucfg.latent_norm_init!r}; choose 'gain' or 'eps'")
+    if ucfg.latent_norm_init not in ("identity", "gain"):
+        raise ExportError(f"latent_norm_init={ucfg.latent_norm_init!r}; choose 'identity' or 'gain'")
+
+
+def query_latent(g: torch.Tensor, beta: float = 1.0, eps: float = DEEPSEEK_LATENT_EPS):
+    """An exact query latent for an attention whose input is ``beta * g * x_hat`` (x_hat = x / rms(x), RMS 1):
+    ``(q_a diagonal (h,), q_a_layernorm gain (h,), k)``. q_a = 1 / (k beta g) makes the latent x_hat / k, with
+    k the smallest power of two that keeps every q_a weight <= Q_LATENT_MAX; its norm returns
+    g x_hat sqrt(1 + eps k^2) / sqrt(1 + eps k^2) = g x_hat, the source's attention input, for q_b = q_proj.
+    Gains under float16's smallest normal are raised to it (on the input norm too, see the callers)."""
+    g = g.detach().double().cpu()
+    g = torch.where(g.abs() < FP16_MIN_NORMAL, torch.full_like(g, FP16_MIN_NORMAL).copysign(g), g)
+    k = 2.0 ** max(0, math.ceil(math.log2(1 / (beta * float(g.abs().min()) * Q_LATENT_MAX))))
+    return 1 / (k * beta * g), g * math.sqrt(1 + eps * k * k), g
 
 
 @torch.no_grad()
-def fill_deepseek_latents(layer, input_norm_gain: torch.Tensor, C: torch.Tensor | None, init: str = "gain",
-                          eps_error: float = 1e-6) -> None:
-    """Set one MLA layer's query latent (exact, see the module docstring) and KV latent norm.
-
-    ``C`` (hidden, hidden) is E[y y^T] of the attention input y (None: white inputs). ``init="gain"``: the
-    KV norm's gain is E[rms(c_kv)] ~ sqrt(E|c|^2 / r), so a token of average latent size passes unchanged and
-    the others are rescaled by E[rms] / rms(c_t). ``init="eps"``: c_kv is scaled by alpha so that the mean of
-    (alpha c)^2 is ``2 * eps * eps_error``, where the norm is the identity to ~``eps_error`` relative, and the
-    gain sqrt(eps) / alpha undoes the scale."""
+def fill_deepseek_latents(layer, input_norm_gain: torch.Tensor, C: torch.Tensor | None) -> None:
+    """``latent_norm_init="gain"``: set one MLA layer's exact query latent (``query_latent``) and an *active*
+    KV latent norm whose gain is E[rms(c_kv)] ~ sqrt(E|c|^2 / r), so a token of average latent size passes
+    unchanged and the others are rescaled by E[rms] / rms(c_t). ``C`` (hidden, hidden) is E[y y^T] of the
+    attention input y (None: white inputs)."""
     attn = layer.self_attn
     dt = attn.o_proj.weight.dtype
-    g = input_norm_gain.detach().double().cpu()
-    g = torch.where(g.abs() < FP16_MIN_NORMAL, torch.full_like(g, FP16_MIN_NORMAL).copysign(g), g)
-    attn.q_a_proj.weight.copy_(torch.diag(1 / g).to(dt))                   # (h, h): y -> x / rms(x)
-    attn.q_a_layernorm.weight.copy_(g.to(dt))
+    q_a, q_gain, g = query_latent(input_norm_gain)
+    attn.q_a_proj.weight.copy_(torch.diag(q_a).to(dt))                      # (h, h): y -> x / rms(x)
+    attn.q_a_layernorm.weight.copy_(q_gain.to(dt))
     layer.input_layernorm.weight.copy_(g.to(dt))                            # the clamp, if any, on both sides
-    r = attn.r
-    W = attn.kv_a_proj.weight[:r].double()                                  # (r, h) c_kv = W y
-    power = float((W @ (C if C is not None else torch.eye(W.shape[1], dtype=W.dtype)) @ W.T).trace() / r)
-    eps = attn.kv_a_layernorm.variance_epsilon
-    if init == "gain":
-        attn.kv_a_layernorm.weight.fill_(math.sqrt(power))
-    else:
-        alpha = math.sqrt(2 * eps * eps_error / max(power, 1e-300))
-        attn.kv_a_proj.weight[:r] *= alpha
-        attn.kv_a_layernorm.weight.fill_(math.sqrt(eps) / alpha)
+    W = attn.kv_a_proj.weight[:attn.r].double()                             # (r, h) c_kv = W y
+    power = float((W @ (C if C is not None else torch.eye(W.shape[1], dtype=W.dtype)) @ W.T).trace() / attn.r)
+    attn.kv_a_layernorm.weight.fill_(math.sqrt(power))
+
+
+@torch.no_grad()
+def identity_latents(sd: dict, prefix: str, r: int, rho: float = IDENTITY_RHO,
+                     eps: float = DEEPSEEK_LATENT_EPS) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 latents equal to a layer with none (our ``latent_norm=False``), from its state dict ``sd``.
+
+    The attention input becomes beta * y (input norm gain beta * g; beta = INPUT_SCALE), which the query latent
+    undoes (``query_latent``) and the RoPE key rows (x 1/beta) too. The latent rows are scaled by alpha, so
+    c' = alpha beta c, and the KV norm's gain sqrt(eps) / (alpha beta) gives
+        n(c') = c (1 + ms(c') / eps)^-1/2 = c (1 - ms(c') / (2 eps) + ...).
+    For every token, |c|^2 <= ||W_c diag(g)||_2^2 |x_hat|^2 = sigma^2 h, so alpha beta = sqrt(rho eps r / (sigma^2 h))
+    keeps ms(c') / eps <= rho whatever the input. On SmolLM2 that is alpha beta ~ 3e-5: alpha * W ~ 2e-4 and
+    beta * y ~ 1e-3, both normal float16 numbers (>= 6.1e-5), and c' is computed in float32 (llama.cpp's
+    matmul output; transformers in float32 or bfloat16). In float16 *arithmetic* c' (~1e-5) is subnormal: serve
+    such an export in bfloat16 or float32, not float16."""
+    p = prefix
+    g = sd[f"{p}input_layernorm.weight"].double()
+    W = sd[f"{p}self_attn.kv_a_proj.weight"].double()                       # (r + d_r, h): [W_c; W_rope]
+    beta = INPUT_SCALE
+    q_a, q_gain, g = query_latent(g, beta, eps)
+    sigma = float(torch.linalg.matrix_norm(W[:r] * g[None], 2))
+    ab = math.sqrt(rho * eps * r / max(sigma ** 2 * g.numel(), 1e-300))    # alpha * beta
+    dt = sd[f"{p}self_attn.kv_a_proj.weight"].dtype
+    kv_a = torch.cat([W[:r] * (ab / beta), W[r:] / beta])
+    return {f"{p}input_layernorm.weight": (beta * g).to(dt),
+            f"{p}self_attn.q_a_proj.weight": torch.diag(q_a).to(dt),
+            f"{p}self_attn.q_a_layernorm.weight": q_gain.to(dt),
+            f"{p}self_attn.q_b_proj.weight": sd[f"{p}self_attn.q_proj.weight"],
+            f"{p}self_attn.kv_a_proj.weight": kv_a.to(dt),
+            f"{p}self_attn.kv_a_layernorm.weight": torch.full((r,), math.sqrt(eps) / ab, dtype=dt)}
+
+
+@torch.no_grad()
+def fold_identity_latents(mla, rho: float = IDENTITY_RHO):
+    """The same model with DeepSeek's latents (``latent_norm=True``, a query latent of width hidden_size), set by
+    ``identity_latents`` so that they compute what the model computed without them: a new ``MLAForCausalLM``.
+    Every token's c_kv passes its norm scaled by a factor in [(1 + rho)^-1/2, 1]; the rest is exact.
+
+    Example:
+        >>> folded = fold_identity_latents(mla)            # what export_deepseek_v3 writes  # doctest: +SKIP
+    """
+    import copy
+
+    cfg = mla.config
+    if cfg.latent_norm:
+        raise ExportError("this MLA model has latent norms already; export it as it is")
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.latent_norm, new_cfg.q_lora_rank = True, cfg.hidden_size
+    state = dict(mla.state_dict())
+    for i in range(cfg.num_hidden_layers):
+        state.update(identity_latents(state, f"model.layers.{i}.", cfg.kv_lora_rank, rho, cfg.latent_norm_eps))
+        del state[f"model.layers.{i}.self_attn.q_proj.weight"]
+    folded = type(mla)(new_cfg).to(next(mla.parameters()).dtype)
+    folded.load_state_dict(state, strict=True)
+    folded.generation_config = mla.generation_config
+    return folded.eval()
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -159,9 +226,10 @@ def check_exportable(config) -> None:
     if config.qk_norm or config.rope_key_sharing != "shared":
         raise ExportError(f"this MLA model has {'per-head key norms (qk_norm)' if config.qk_norm else 'per-KV-head RoPE keys'}"
                           f", which DeepSeek-V3 cannot express; keep it in the hf_ext format (--format hf_ext)")
-    if not config.latent_norm:
-        raise ExportError(f"DeepSeek-V3 always normalises the KV latent (kv_a_layernorm) and this MLA model does not "
-                          f"(latent_norm=False), so no export is exact; {fix}")
+    if not config.latent_norm and config.rms_norm_eps != DEEPSEEK_LATENT_EPS:
+        raise ExportError(f"this MLA model has no latent norms, which the export folds in as identities in their "
+                          f"epsilon regime; that needs the model's rms_norm_eps at DeepSeek's {DEEPSEEK_LATENT_EPS} "
+                          f"(it is {config.rms_norm_eps}, and llama.cpp uses it for the latent norms); {fix}")
     if config.attention_bias or config.o_proj_bias or config.mlp_bias or config.sliding_window:
         raise ExportError(f"this MLA model has biases or a sliding window, which DeepSeek-V3 has not; {fix} from a "
                           "source without them, or keep the hf_ext format")
@@ -184,7 +252,7 @@ def deepseek_v3_config(config):
         # every MLP dense; llama.cpp's loader still wants n_routed_experts > n_group
         n_shared_experts=1, n_routed_experts=2, n_group=1, topk_group=1, num_experts_per_tok=1,
         first_k_dense_replace=config.num_hidden_layers, num_mtp_layers=0,
-        kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank, qk_rope_head_dim=d_r,
+        kv_lora_rank=config.kv_lora_rank, q_lora_rank=config.q_lora_rank or config.hidden_size, qk_rope_head_dim=d_r,
         qk_nope_head_dim=config.qk_nope_head_dim, v_head_dim=config.v_head_dim, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": theta}, rope_interleave=True,
@@ -198,7 +266,11 @@ def export_deepseek_v3(mla) -> tuple[object, dict[str, torch.Tensor]]:
 
     Exact: every tensor is a copy, a row permutation (RoPE interleave) or, for the query rows, a product
     with the power-of-two-free scale ratio (d_nope + d_rope)^1/2 * softmax_scale (1 when the head widths
-    sum to the source's head_dim, as they do for SmolLM2 at 6.4x)."""
+    sum to the source's head_dim, as they do for SmolLM2 at 6.4x). A model without latent norms gets
+    identity ones first (``fold_identity_latents``, which is exact to IDENTITY_RHO / 2 on c_kv at worst)."""
+    if not mla.config.latent_norm:
+        deepseek_v3_config(mla.config)                                      # refuse before folding
+        mla = fold_identity_latents(mla)
     cfg = mla.config
     dcfg = deepseek_v3_config(cfg)
     H, d_n, d_r, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank

@@ -26,8 +26,9 @@ def student_teacher(target="hf_ext"):
     with torch.no_grad():
         src.lm_head.weight.mul_(20)  # a peaked teacher: random tiny models are near-uniform, KL ~ 1e-4
     ids = torch.randint(0, 128, (4096,), generator=torch.Generator().manual_seed(1))
-    mla, _ = upcycle_to_mla(src, UpcycleConfig(kv_lora_rank=8, qk_rope_head_dim=4, target=target), calib_ids=ids,
-                            progress=False)
+    norms = dict(latent_norm_init="gain") if target == "deepseek_v3" else {}      # the form with an active norm
+    mla, _ = upcycle_to_mla(src, UpcycleConfig(kv_lora_rank=8, qk_rope_head_dim=4, target=target, **norms),
+                            calib_ids=ids, progress=False)
     return mla, src, ids
 
 

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_causal_lm
 from helpers import run_without_hf_ext
 from hf_ext.mla import ExportError, UpcycleConfig, export_deepseek_v3, save_deepseek_v3, upcycle_to_mla
+from hf_ext.mla.export import DEEPSEEK_LATENT_EPS, IDENTITY_RHO, INPUT_SCALE, fold_identity_latents, identity_latents
 from hf_ext.mla.ops import best_rope_stride
 from numerics import TINY_FP32_ATOL, assert_greedy_agrees, greedy
 
@@ -26,10 +27,13 @@ def source(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
-@pytest.mark.parametrize("init", ["gain", "eps"])
+@pytest.mark.parametrize("init", ["identity", "gain"])
 def test_export_loads_without_hf_ext_and_equals_our_model(tmp_path, family, init):
     mla, report = upcycle_to_mla(source(family), UpcycleConfig(**DEEPSEEK, latent_norm_init=init), calib_ids=calib(),
                                  progress=False)
+    assert mla.config.latent_norm == (init == "gain") and mla.config.rms_norm_eps == DEEPSEEK_LATENT_EPS
+    if init == "identity":     # what the export writes (test_fold_* checks the fold itself)
+        mla = fold_identity_latents(mla)
     save_deepseek_v3(mla, tmp_path / "ds")
     files = {p.name for p in (tmp_path / "ds").iterdir()}
     cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
@@ -58,19 +62,86 @@ def test_export_loads_without_hf_ext_and_equals_our_model(tmp_path, family, init
                          *greedy(mla, x[:1, :9], max_new_tokens=8), TINY_FP32_ATOL, min_steps=6)
 
 
-def test_eps_init_makes_the_latent_norms_the_identity():
-    """With the norm's epsilon dominating, the DeepSeek-form model equals the same upcycling without the
-    norms and the query latent (to the 1e-6 relative error the init targets, far inside TINY_FP32_ATOL)."""
-    src, x = tiny_causal_lm("llama"), torch.randint(0, 128, (2, 20))
-    free, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=2, qk_rope_head_dim=4, rope_selection="geometric"),
-                               calib_ids=calib(), progress=False)
-    ds, _ = upcycle_to_mla(src, UpcycleConfig(**DEEPSEEK, latent_norm_init="eps"), calib_ids=calib(), progress=False)
-    gain, _ = upcycle_to_mla(src, UpcycleConfig(**DEEPSEEK), calib_ids=calib(), progress=False)
+def identity_source():
+    """A llama whose first attention input norm has a gain far below float16's smallest normal (as SmolLM2's
+    2e-4, only smaller), so that the query latent needs its k > 1 (``export.query_latent``)."""
+    src = tiny_causal_lm("llama")
     with torch.no_grad():
-        want = free(x).logits
-        assert torch.allclose(ds(x).logits, want, atol=TINY_FP32_ATOL, rtol=0)
-        assert float((gain(x).logits - want).abs().max()) > 10 * TINY_FP32_ATOL   # the active norm does change it
-    assert ds.config.q_lora_rank == 32 and ds.config.latent_norm and not free.config.latent_norm
+        src.model.layers[0].input_layernorm.weight[:3] = torch.tensor([1e-7, -3e-5, 2e-4])
+    return src
+
+
+def test_fold_is_the_model_without_latents_when_rho_is_negligible():
+    """At rho = 1e-10 the folded norm is the identity to 5e-11: what is left is the algebra (input scale beta,
+    query latent x_hat / k and its compensated gain, RoPE rows x 1/beta, latent rows x alpha, norm gain
+    sqrt(eps) / (alpha beta)), which must hold to float32 rounding, TINY_FP32_ATOL."""
+    free, _ = upcycle_to_mla(identity_source(), UpcycleConfig(**DEEPSEEK), calib_ids=calib(), progress=False)
+    folded = fold_identity_latents(free, rho=1e-10)
+    assert folded.config.latent_norm and folded.config.q_lora_rank == 32 and not free.config.latent_norm
+    x = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(folded(x).logits, free(x).logits, atol=TINY_FP32_ATOL, rtol=0)
+    gain, _ = upcycle_to_mla(identity_source(), UpcycleConfig(**DEEPSEEK, latent_norm_init="gain"), calib_ids=calib(),
+                             progress=False)
+    with torch.no_grad():      # an active norm does change the model: the comparison can fail
+        assert float((gain(x).logits - free(x).logits).abs().max()) > 10 * TINY_FP32_ATOL
+
+
+@torch.no_grad()
+def test_folded_kv_norm_stays_within_its_bound_and_reaches_it():
+    """identity_latents promises n(c') = c * s_t with s_t in [(1 + rho)^-1/2, 1] for *every* attention input
+    beta * g * x_hat (|x_hat|^2 = h): the bound sigma^2 h of |c|^2 is reached by x_hat along the top right
+    singular vector of W_c diag(g), so that input must give s = (1 + rho)^-1/2 exactly (float64), and random
+    and adversarially large inputs must stay inside."""
+    free, _ = upcycle_to_mla(identity_source(), UpcycleConfig(**DEEPSEEK), calib_ids=calib(), progress=False)
+    free.double()
+    sd, r = free.state_dict(), free.config.kv_lora_rank
+    for layer in range(free.config.num_hidden_layers):
+        lat = identity_latents(sd, f"model.layers.{layer}.", r, eps=DEEPSEEK_LATENT_EPS)
+        W_c = sd[f"model.layers.{layer}.self_attn.kv_a_proj.weight"][:r]            # (r, h), the model's own
+        g = lat[f"model.layers.{layer}.input_layernorm.weight"] / INPUT_SCALE       # the clamped gains
+        h = g.numel()
+        top = torch.linalg.svd(W_c * g[None]).Vh[0]                                 # unit, along the bound
+        x_hat = torch.cat([top[None] * h ** 0.5, torch.randn(64, h, dtype=torch.float64),
+                           torch.randn(64, h, dtype=torch.float64) * torch.rand(64, 1, dtype=torch.float64) * 10])
+        x_hat = x_hat / x_hat.pow(2).mean(-1, keepdim=True).sqrt()                  # |x_hat|^2 = h, as after RMSNorm
+        c = x_hat @ (W_c * g[None]).T                                               # without latents
+        c_fold = (lat[f"model.layers.{layer}.input_layernorm.weight"] * x_hat) @ \
+            lat[f"model.layers.{layer}.self_attn.kv_a_proj.weight"][:r].T
+        w = lat[f"model.layers.{layer}.self_attn.kv_a_layernorm.weight"]
+        n = w * c_fold / (c_fold.pow(2).mean(-1, keepdim=True) + DEEPSEEK_LATENT_EPS).sqrt()
+        s = n.norm(dim=-1) / c.norm(dim=-1)
+        lo = (1 + IDENTITY_RHO) ** -0.5
+        assert float(s[0]) == pytest.approx(lo, rel=1e-9)
+        assert bool((s >= lo * (1 - 1e-12)).all() and (s <= 1 + 1e-12).all())
+        assert torch.allclose(n / s[:, None], c, rtol=1e-9, atol=1e-12)             # a scale, no rotation
+
+
+def test_folded_weights_and_inputs_are_normal_float16_numbers():
+    """The fold moves c_kv's scale into the attention input (beta) and the latent rows (alpha) so that neither
+    is a float16 subnormal: the largest latent row weight of every layer and the input norm's typical
+    gain stay >= float16's smallest normal (2^-14), and no weight exceeds float16's largest (65504)."""
+    from transformers import AutoConfig
+
+    from hf_ext.mla.export import FP16_MIN_NORMAL
+
+    src = tiny_causal_lm("llama")
+    free, _ = upcycle_to_mla(src, UpcycleConfig(**DEEPSEEK), calib_ids=calib(), progress=False)
+    cfg, sd = export_deepseek_v3(free)
+    assert cfg.rms_norm_eps == DEEPSEEK_LATENT_EPS and isinstance(cfg, type(AutoConfig.for_model("deepseek_v3")))
+    r = cfg.kv_lora_rank
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        assert float(sd[p + "self_attn.kv_a_proj_with_mqa.weight"][:r].abs().amax(1).min()) >= FP16_MIN_NORMAL
+        assert float(sd[p + "input_layernorm.weight"].abs().median()) * 0.1 >= FP16_MIN_NORMAL
+        assert max(float(v.abs().max()) for k, v in sd.items() if k.startswith(p)) < 65504
+
+
+def test_a_model_without_latents_needs_deepseeks_norm_epsilon():
+    free, _ = upcycle_to_mla(tiny_causal_lm("llama", rms_norm_eps=1e-5), UpcycleConfig(kv_ratio=2, qk_rope_head_dim=4,
+                             rope_selection="geometric"), calib_ids=calib(), progress=False)    # target hf_ext: 1e-5
+    with pytest.raises(ExportError, match="rms_norm_eps"):
+        export_deepseek_v3(free)
 
 
 def test_geometric_rope_frequencies_are_one_stride_in_every_layer():

@@ -9,6 +9,7 @@ import torch
 from conversion.cli import main
 from hf_ext.eval import perplexity, tokenize
 from hf_ext.mla import UpcycleConfig, upcycle_to_mla
+from hf_ext.mla.export import fold_identity_latents
 from hf_ext.zoo import load_causal_lm, load_corpus
 from helpers import run_without_hf_ext
 from numerics import REAL_FP32_RTOL, assert_close_rel, assert_greedy_agrees, greedy
@@ -105,6 +106,7 @@ def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
     # the reloaded export's logits are within REAL_FP32_RTOL * max|logit| of ours, and a token's NLL (a log-softmax)
     # moves by at most 2 max|dlogit|: 2 * 1e-5 * ~40 (SmolLM2's largest logits) = 8e-4 in mean NLL, so in ppl too
     assert r["ppl_exported"] == pytest.approx(r["ppl_converted"], rel=1e-3)
+    assert "ppl_before_folding" in r      # the default keeps no latent norms; the export folds identity ones in
     assert not list(out.glob("*.py")) and "auto_map" not in (out / "config.json").read_text()
     assert "llama.cpp" in (out / "README.md").read_text()
     got = run_without_hf_ext(f"""
@@ -122,6 +124,7 @@ def test_real_deepseek_v3_export_runs_in_stock_transformers(tmp_path, capsys):
     model, tok = load_causal_lm("smollm2-135m")
     mla, _ = upcycle_to_mla(model, UpcycleConfig(kv_lora_rank=32, qk_rope_head_dim=32, target="deepseek_v3"),
                             calib_ids=tokenize(tok, load_corpus("python-docs:train"), 4096), progress=False)
+    mla = fold_identity_latents(mla)                  # what the CLI exports (test_mla_export.py checks the fold)
     # In float64 the two graphs' arithmetic rounding (~1e-16) vanishes, and what is left is the export's own fp32
     # weight rounding: q_b carries the softmax-scale ratio and RoPE rows are permuted, so each weight is ours
     # within U32 relative. REAL_FP32_RTOL * max|logit| bounds the logit change of fp32-sized perturbations
