@@ -1,8 +1,9 @@
 """SmolLM2-135M vs its MLA DeepSeek-V3 export, both run in llama.cpp (built from the pinned sdist).
 
     hf-ext llamacpp build                                    # once, about 6 minutes on 2 cores
-    python benchmarks/mla.py --sections deepseek --save-deepseek out/ds-distilled    # optional: distilled export
-    python benchmarks/llamacpp.py --deepseek out/ds-distilled                        # every section
+    python benchmarks/mla.py --sections deepseek --deepseek-shape 32+32 --deepseek-distill identity \
+        --save-deepseek out/ds-identity                                  # optional: a distilled export
+    python benchmarks/llamacpp.py --deepseek out/ds-identity             # every section
 
 Without ``--deepseek`` the export is made training-free here (``UpcycleConfig(target="deepseek_v3")``).
 Sections, all side by side in one run, nothing else on the CPU:

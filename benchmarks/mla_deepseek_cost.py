@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--shape", default="32+32", help="kv_lora_rank+qk_rope_head_dim")
     ap.add_argument("--tokens", type=int, default=131072, help="distillation tokens per run")
     ap.add_argument("--cases", default="free,geometric,deepseek", help=f"any of {','.join(CASES)}")
+    ap.add_argument("--lr", type=float, default=2e-4, help="distillation peak learning rate")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla_deepseek_cost.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +72,7 @@ def main():
                                   calib_ids=calib, progress=False)
         before = ppl(mla, val)
         t = time.perf_counter()
-        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, **dkw), progress=False)
+        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, lr=args.lr, **dkw), progress=False)
         rows.append({"form": label, "rope_stride": rep.get("rope_stride"), "val_ppl_training_free": before,
                      "distill_tokens": log["tokens"], "val_ppl": ppl(mla.eval(), val), "kl_last": log["loss_last"],
                      "seconds": time.perf_counter() - t})
@@ -82,7 +83,7 @@ def main():
                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                 {"Distilled forms on a train-split validation": {
                     "note": f"Perplexity on the last 8192 tokens of python-docs:train (never trained on), training-free "
-                            f"and after {args.tokens} distillation tokens (lr 2e-4, attention only, logits KL), "
+                            f"and after {args.tokens} distillation tokens (lr {args.lr}, attention only, logits KL), "
                             f"kv_lora_rank+rope {args.shape}.",
                     "rows": rows}})
 
