@@ -52,7 +52,7 @@ def main():
                                                       latent_norm_init="gain"),
                                 calib_ids=calib, progress=False)
         t = time.perf_counter()
-        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, norm_anneal=frac), progress=False)
+        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, lr=2e-4, norm_anneal=frac), progress=False)
         rows.append({"norm_anneal": frac, "distill_tokens": log["tokens"], "val_ppl": ppl(mla.eval(), val),
                      "kl_last": log["loss_last"], "seconds": time.perf_counter() - t})
         print(rows[-1], flush=True)

@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=131072, help="distillation tokens per run")
     ap.add_argument("--cases", default="free,geometric,deepseek", help=f"any of {','.join(CASES)}")
     ap.add_argument("--lr", type=float, default=2e-4, help="distillation peak learning rate")
+    ap.add_argument("--seq-len", type=int, default=256, help="distillation window (tokens per step stay 1024)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla_deepseek_cost.json"))
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +73,8 @@ def main():
                                   calib_ids=calib, progress=False)
         before = ppl(mla, val)
         t = time.perf_counter()
-        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, lr=args.lr, **dkw), progress=False)
+        log = distill(mla, src, train, DistillConfig(tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
+                                                       batch_size=1024 // args.seq_len, **dkw), progress=False)
         rows.append({"form": label, "rope_stride": rep.get("rope_stride"), "val_ppl_training_free": before,
                      "distill_tokens": log["tokens"], "val_ppl": ppl(mla.eval(), val), "kl_last": log["loss_last"],
                      "seconds": time.perf_counter() - t})
@@ -83,7 +85,8 @@ def main():
                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                 {"Distilled forms on a train-split validation": {
                     "note": f"Perplexity on the last 8192 tokens of python-docs:train (never trained on), training-free "
-                            f"and after {args.tokens} distillation tokens (lr {args.lr}, attention only, logits KL), "
+                            f"and after {args.tokens} distillation tokens (lr {args.lr}, windows of {args.seq_len}, 1024 "
+                            f"tokens per step, attention only, logits KL), "
                             f"kv_lora_rank+rope {args.shape}.",
                     "rows": rows}})
 

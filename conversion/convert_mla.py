@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--train-text", default="python-docs:train", help="distillation text (default python-docs:train)")
     p.add_argument("--train-store", help="distil on an hf-ext token store instead of --train-text "
                    "(`hf-ext data tokens --window SEQ_LEN`): memory-mapped, read by the fast loader")
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="distillation peak learning rate (default 5e-4, chosen on "
+                   "a train-split validation)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--checkpoint-dir", help="save/resume distillation state here")
