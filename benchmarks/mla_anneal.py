@@ -9,7 +9,6 @@ no part in the choice.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mla import ppl  # noqa: E402
-from run_all import save_result  # noqa: E402
+from mla_deepseek_cost import save_val_rows, split  # noqa: E402
 
 from hf_ext.mla import UpcycleConfig, upcycle_to_mla  # noqa: E402
 from hf_ext.mla.distill import DistillConfig, distill  # noqa: E402
@@ -34,16 +33,11 @@ def main():
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_ext.eval import tokenize
-    from hf_ext.zoo import load_corpus, resolve_model
+    from hf_ext.zoo import resolve_model
 
     path = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(path)
     src = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib_n, val_n = 16384, 8192
-    # as benchmarks/mla.py: calibration, then the distillation window (tokens + 49152), then 16k unused, then val
-    ids = tokenize(tok, load_corpus("python-docs:train"), calib_n + args.tokens + 65536 + val_n)
-    calib, train, val = ids[:calib_n], ids[calib_n:calib_n + args.tokens + 49152], ids[-val_n:]
+    calib, train, val = split(AutoTokenizer.from_pretrained(path), args.tokens)
     r, d_r = map(int, args.shape.split("+"))
     rows = [{"norm_anneal": "source", "val_ppl": ppl(src, val)}]
     for frac in (float(f) for f in args.fractions.split(",")):
@@ -56,15 +50,10 @@ def main():
         rows.append({"norm_anneal": frac, "distill_tokens": log["tokens"], "val_ppl": ppl(mla.eval(), val),
                      "kl_last": log["loss_last"], "seconds": time.perf_counter() - t})
         print(rows[-1], flush=True)
-    for row in rows:
-        row["val_ppl_over_source"] = row["val_ppl"] / rows[0]["val_ppl"]
-    save_result(args.out, f"Latent norm anneal length ({Path(args.model).name}, DeepSeek form {args.shape})",
-                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                {"Anneal fraction on a train-split validation": {
-                    "note": f"Perplexity on the last {val_n} tokens of python-docs:train (never trained on) after "
-                            f"{args.tokens} distillation tokens, lr 2e-4, the KV latent norm annealed from the "
-                            f"identity over this fraction of the steps (0: gain init, trained as it starts).",
-                    "rows": rows}})
+    save_val_rows(args.out, f"Latent norm anneal length ({Path(args.model).name}, DeepSeek form {args.shape})",
+                  "Anneal fraction on a train-split validation",
+                  f"after {args.tokens} distillation tokens, lr 2e-4, the KV latent norm annealed from the identity "
+                  f"over this fraction of the steps (0: gain init, trained as it starts).", rows)
 
 
 if __name__ == "__main__":

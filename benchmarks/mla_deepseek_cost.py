@@ -38,13 +38,25 @@ CASES = {  # name -> (UpcycleConfig fields, DistillConfig fields)
 }
 
 
-def split(tok, tokens: int, calib_n=16384, val_n=8192):
+VAL_TOKENS = 8192
+
+
+def split(tok, tokens: int, calib_n=16384, val_n=VAL_TOKENS):
     """As benchmarks/mla.py: calibration, then the distillation window (tokens + 49152), 16k unused, then val."""
     from hf_ext.eval import tokenize
     from hf_ext.zoo import load_corpus
 
     ids = tokenize(tok, load_corpus("python-docs:train"), calib_n + tokens + 65536 + val_n)
     return ids[:calib_n], ids[calib_n:calib_n + tokens + 49152], ids[-val_n:]
+
+
+def save_val_rows(out: str, title: str, section: str, note: str, rows: list[dict]) -> None:
+    """Add each row's val_ppl / the first (source) row's, then write the result with this machine's name."""
+    for row in rows:
+        row["val_ppl_over_source"] = row["val_ppl"] / rows[0]["val_ppl"]
+    save_result(out, title, f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                {section: {"note": f"Perplexity on the last {VAL_TOKENS} tokens of python-docs:train (never trained "
+                                   f"on), {note}", "rows": rows}})
 
 
 def main():
@@ -79,16 +91,10 @@ def main():
                      "distill_tokens": log["tokens"], "val_ppl": ppl(mla.eval(), val), "kl_last": log["loss_last"],
                      "seconds": time.perf_counter() - t})
         print(rows[-1], flush=True)
-    for row in rows:
-        row["val_ppl_over_source"] = row["val_ppl"] / rows[0]["val_ppl"]
-    save_result(args.out, f"Cost of each DeepSeek-V3 constraint after distillation ({Path(args.model).name}, {args.shape})",
-                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                {"Distilled forms on a train-split validation": {
-                    "note": f"Perplexity on the last 8192 tokens of python-docs:train (never trained on), training-free "
-                            f"and after {args.tokens} distillation tokens (lr {args.lr}, windows of {args.seq_len}, 1024 "
-                            f"tokens per step, attention only, logits KL), "
-                            f"kv_lora_rank+rope {args.shape}.",
-                    "rows": rows}})
+    save_val_rows(args.out, f"Cost of each DeepSeek-V3 constraint after distillation ({Path(args.model).name}, "
+                  f"{args.shape})", "Distilled forms on a train-split validation",
+                  f"training-free and after {args.tokens} distillation tokens (lr {args.lr}, windows of {args.seq_len}, "
+                  f"1024 tokens per step, attention only, logits KL), kv_lora_rank+rope {args.shape}.", rows)
 
 
 if __name__ == "__main__":
