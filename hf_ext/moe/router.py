@@ -1,12 +1,13 @@
-"""Training the pre-gating router (Read-ME): targets from the dense model's activations, then distillation.
+"""Training the pre-gating router (Read-ME): per-token target experts, then distillation into the router.
 
-Paper: https://arxiv.org/abs/2410.19123. A token's target expert is the one whose routed mask best
-overlaps the token's most activated neurons, summed over layers (``extract.router_targets``). The loss is
-the paper's 0.75 * cross-entropy (label smoothing 0.1) + 0.25 * KL to the soft overlap distribution
-(softmax of the overlap scores / temperature). Only the router trains, through accelerate.
+Paper: https://arxiv.org/abs/2410.19123. Two kinds of targets: ``error_scores`` (the expert whose output is
+closest to the dense MLPs', used by the alternating rounds in ``tune.py`` and the CLI) and ``overlap_scores``
+(the expert whose routed mask best overlaps the token's most activated neurons, ``extract.router_targets``).
+The loss is the paper's 0.75 * cross-entropy (label smoothing 0.1) + 0.25 * KL to the soft target
+distribution (softmax of the scores / temperature). Only the router trains, through accelerate.
 
 Example:
-    >>> scores = overlap_scores(dense, masks, batches)                       # doctest: +SKIP
+    >>> scores = error_scores(moe, dense, batches)                           # doctest: +SKIP
     >>> train_router(moe, batches, scores, epochs=3)                          # doctest: +SKIP
 """
 from __future__ import annotations
@@ -46,6 +47,37 @@ def overlap_scores(dense, masks: ExpertMasks, batches) -> list[torch.Tensor]:
             for h in handles:
                 h.remove()
         out.append(score)
+    return out
+
+
+@torch.no_grad()
+def error_scores(moe, dense, batches) -> list[torch.Tensor]:
+    """Per batch, (B, T, D) scores for Read-ME's router rounds (``tune.py``): how well each expert reproduces
+    the dense MLPs for every token. In each layer, shared + routed expert d of ``moe`` runs on the dense
+    model's own MLP input x; its squared error ||MoE_d(x) - MLP(x)||^2 is divided by the layer's mean
+    ||MLP(x)||^2 (so every layer counts alike) and summed over layers. Scores are minus that sum over its
+    per-token mean across experts, so the argmax is the least error and the scale does not depend on the model.
+    """
+    io = []
+    hooks = [mlp.register_forward_hook(lambda mod, args, y: io.append((args[0], y))) for mlp in decoder_mlps(dense)]
+    out = []
+    try:
+        for b in batches:
+            io.clear()
+            dense(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"))
+            err = 0.0
+            for (x, y), m in zip(io, (layer.mlp for layer in moe.model.layers)):             # x, y: (B, T, H)
+                f = torch.promote_types(y.dtype, torch.float32)                              # bf16 sums in fp32
+                base = m.expert(x, m.shared_in, m.shared_out, m.shared_in_bias) - y
+                if m.out_bias is not None:
+                    base = base + m.out_bias
+                e = torch.stack([(base + m.expert(x, *m.routed_weights(d))).to(f).pow(2).sum(-1)
+                                 for d in range(m.num_routed)], -1)                           # (B, T, D)
+                err = err + e / y.to(f).pow(2).sum(-1).mean()
+            out.append(-err / err.mean(-1, keepdim=True))
+    finally:
+        for h in hooks:
+            h.remove()
     return out
 
 
@@ -102,45 +134,3 @@ def target_accuracy(moe, batches, scores) -> float:
         hit += int((moe.route(b["input_ids"]) == s.argmax(-1))[mask].sum())
         seen += int(mask.sum())
     return hit / max(seen, 1)
-
-
-def finetune_experts(moe, dense, batches, epochs: int = 1, lr: float = 1e-4, seed: int = 0,
-                     progress: bool = True) -> dict:
-    """The backbone half of Read-ME's alternating training: with the router's expert choices fixed, train
-    the experts (every ``PreGatedMoEMLP`` parameter) to match the dense model's next-token distribution
-    (KL(dense || MoE) over non-pad tokens), through accelerate. Everything else stays frozen."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    acc = Accelerator()
-    torch.manual_seed(seed)
-    params = [p for layer in moe.model.layers for p in layer.mlp.parameters()]
-    for p in moe.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model, opt = acc.prepare(moe, opt)
-    g = torch.Generator().manual_seed(seed)
-    curve = []
-    bar = tqdm(total=epochs * len(batches), desc="experts", disable=not progress)
-    model.train()
-    for _ in range(epochs):
-        for i in torch.randperm(len(batches), generator=g).tolist():
-            b = batches[i]
-            mask = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()
-            with torch.no_grad():    # dense targets, recomputed: a (tokens, vocab) tensor per batch is too big to keep
-                dense_logits = dense(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-                target = F.log_softmax(dense_logits[mask], -1)                          # (M, V)
-            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits
-            loss = F.kl_div(F.log_softmax(logits[mask], -1), target, log_target=True, reduction="batchmean")
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(loss.item())
-            bar.update()
-    bar.close()
-    model.eval()
-    for p in moe.parameters():
-        p.requires_grad_(False)
-    return {"loss_curve": curve}

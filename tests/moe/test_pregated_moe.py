@@ -173,24 +173,6 @@ def test_host_store_serves_experts_from_ram_without_reading_the_file(tmp_path):
                                        for d in layer for w in ("in", "out"))
 
 
-def test_expert_finetuning_moves_the_moe_toward_the_dense_model():
-    from hf_ext.moe.router import finetune_experts
-
-    dense, moe = _moe(top_p=0.5)
-    batches = _batches(4)
-
-    def kl():
-        with torch.no_grad():
-            return sum(torch.nn.functional.kl_div(torch.log_softmax(moe(**b).logits, -1),
-                                                  torch.log_softmax(dense(**b).logits, -1), log_target=True,
-                                                  reduction="batchmean").item() for b in batches)
-    before = kl()
-    router_before = [p.clone() for p in moe.router.parameters()]
-    log = finetune_experts(moe, dense, batches, epochs=10, lr=3e-3, progress=False)
-    assert kl() < 0.3 * before, (before, kl(), log["loss_curve"][-1])   # measured 0.08-0.12 (seeds 0-2); lr 0: 1
-    assert all(torch.equal(a, b) for a, b in zip(router_before, moe.router.parameters()))   # only experts trained
-
-
 @torch.no_grad()
 def test_left_padded_batches_route_like_each_sequence_alone():
     _, moe = _moe(top_p=0.5)
