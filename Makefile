@@ -39,4 +39,5 @@ test: install
 	  ATEN_CPU_CAPABILITY=$$cap MKL_CBWR=COMPATIBLE $(PY) -m pytest -q -p no:cacheprovider -m numerics tests
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run_all.py

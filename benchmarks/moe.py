@@ -8,9 +8,8 @@ D = 4 experts from k-means on the activation patterns (the data has 8 labels, no
 uses half of every MLP. Perplexity is on ``python-docs:eval`` (held-out files, never used above), windows of
 256 tokens. Rows: dense; MoE with the untrained router; MoE after router training (0.75 CE + 0.25 KL,
 accelerate); MoE with oracle routing (each eval token's target expert, computed from the dense model, an
-upper bound for any router); with ``--expert-epochs N``, also the backbone half of the alternating training:
-the experts fine-tuned (KL to the dense model, same train paragraphs, router fixed) - too slow for 2 CPU
-cores (over 25 minutes per D), so not in the committed results. Cache: the trained router's expert trace of the eval text, one stream; hit
+upper bound for any router). The alternating rounds that tune the experts are measured by
+benchmarks/moe_tune.py. Cache: the trained router's expert trace of the eval text, one stream; hit
 rate of no cache, LRU, Belady seeing the next 16 tokens, and Belady seeing the whole trace, at capacity 1..D-1.
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_ext.moe import activation_stats, convert_to_pregated_moe, expert_masks, hits  # noqa: E402
-from hf_ext.moe.router import finetune_experts, overlap_scores, target_accuracy, train_router  # noqa: E402
+from hf_ext.moe.router import overlap_scores, target_accuracy, train_router  # noqa: E402
 
 
 def load_smollm2():
@@ -85,9 +84,6 @@ def main():
     ap.add_argument("--per-class", type=int, default=48, help="docs-sections train paragraphs per section")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--router-epochs", type=int, default=8)
-    ap.add_argument("--expert-epochs", type=int, default=0,
-                    help="epochs of expert fine-tuning (KL to dense); 0 (default) skips it: over 25 min per D on 2 cores")
-    ap.add_argument("--expert-lr", type=float, default=1e-4)
     ap.add_argument("--experts", type=int, nargs="*", default=[4, 8], help="D values (4: k-means, 8: section labels)")
     ap.add_argument("--out", default="benchmarks/results/moe.json")
     args = ap.parse_args()
@@ -122,13 +118,7 @@ def main():
                      "router_target_accuracy_eval": acc})
         rows.append({"model": "MoE, oracle routing", **base,
                      "ppl": math.exp(nll(moe, windows, [s[0].argmax(-1) for s in eval_scores]))})
-        if args.expert_epochs:
-            small = [{k: v[i:i + 4] for k, v in b.items()} for b in batches for i in range(0, len(b["input_ids"]), 4)]
-            log = finetune_experts(moe, dense, small, epochs=args.expert_epochs, lr=args.expert_lr, progress=False)
-            rows.append({"model": "MoE, trained router + experts fine-tuned", **base,
-                         "ppl": math.exp(nll(moe, windows)), "expert_train_tokens": train_tokens * args.expert_epochs,
-                         "expert_lr": args.expert_lr, "expert_final_kl": sum(log["loss_curve"][-10:]) / 10})
-        for row in rows[-4 if args.expert_epochs else -3:]:
+        for row in rows[-3:]:
             print(json.dumps(row), flush=True)
         trace = torch.cat(routed).tolist()
         for cap in range(1, D):
@@ -137,8 +127,6 @@ def main():
                                "belady_full_trace": hits(trace, cap, "belady") / len(trace)})
             print(json.dumps(cache_rows[-1]), flush=True)
     title = "Read-ME: pre-gated MoE from SmolLM2-135M"
-    if args.expert_epochs:
-        title += f", with the experts fine-tuned ({args.expert_epochs} epochs)"
     res = {"title": title, "command": " ".join(["python benchmarks/moe.py"] + sys.argv[1:]),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
            "sections": {

@@ -97,10 +97,18 @@ def main():
     ap.add_argument("--batch", type=int, default=8, help="tokens per batch")
     ap.add_argument("--capacity", type=int, default=4, help="experts per layer in RAM when offloaded (of 8)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default=None, help="a saved pre-gated MoE folder (the tuned model of "
+                    "benchmarks/moe_tune.py --save); default: the section-label MoE built here")
     ap.add_argument("--out", default="benchmarks/results/moe_batching.json")
     args = ap.parse_args()
     dense, tok = load_smollm2()
-    moe = trained_moe(dense, tok)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        import hf_ext.moe  # noqa: F401  (registers the pre-gated MoE with the Auto classes)
+        moe = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    else:
+        moe = trained_moe(dense, tok)
     work = workload(moe, tok, args.requests, prompt=32, tokens=args.tokens)
     offloaded = copy.deepcopy(moe)
     cache = ExpertCache.offload(offloaded, tempfile.mkdtemp(prefix="hf_ext_experts_"), args.capacity, "lru")
@@ -125,7 +133,7 @@ def main():
                                f"batch budget {args.batch} tokens; medians over {args.rounds} interleaved rounds. "
                                "Normalized latency = a request's finish time / its tokens.", "rows": rows}
     res = {"title": "Read-ME: expert-aware batching vs FCFS (SmolLM2-135M MoE, 8 experts)",
-           "command": "python benchmarks/moe_batching.py",
+           "command": " ".join(["python benchmarks/moe_batching.py"] + sys.argv[1:]),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "sections": sections}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
