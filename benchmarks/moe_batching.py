@@ -1,10 +1,10 @@
 """Read-ME expert-aware batching vs first-come-first-served, on real routed requests, side by side.
 
-    python benchmarks/moe_batching.py --out benchmarks/results/moe_batching.json
+    python benchmarks/moe_tune.py --cases readme --top-p 0.5 --tokens 65536 --save out/moe-tuned
+    python benchmarks/moe_batching.py --model out/moe-tuned --out benchmarks/results/moe_batching.json
 
-SmolLM2-135M -> pre-gated MoE (8 experts from the docs-sections labels, top-p 0.5, router trained on
-docs-sections train, as in moe_latency.py). Workload: ``--requests`` held-out paragraphs of
-python-docs:eval arrive at once; each decodes its next ``--tokens`` tokens of the real text (teacher
+The model is moe_latency.py's (``--model``: the README's figures use the tuned MoE saved above).
+Workload: ``--requests`` held-out paragraphs of python-docs:eval arrive at once; each decodes its next ``--tokens`` tokens of the real text (teacher
 forced, so every policy serves the same tokens), each token's expert from the router on the request's
 prefix. Each step the batcher picks up to ``--batch`` queued tokens and the backbone runs on them (B x 1
 tokens with their experts; no KV cache, so the measured step is the part the experts change: every
@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from moe import load_smollm2  # noqa: E402
-from moe_latency import trained_moe  # noqa: E402
+from moe_latency import serving_moe  # noqa: E402
 
 from hf_ext.moe.batching import ExpertBatcher  # noqa: E402
 from hf_ext.moe.cache import ExpertCache  # noqa: E402
@@ -102,13 +102,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/moe_batching.json")
     args = ap.parse_args()
     dense, tok = load_smollm2()
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        import hf_ext.moe  # noqa: F401  (registers the pre-gated MoE with the Auto classes)
-        moe = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    else:
-        moe = trained_moe(dense, tok)
+    moe = serving_moe(dense, tok, args.model)
     work = workload(moe, tok, args.requests, prompt=32, tokens=args.tokens)
     offloaded = copy.deepcopy(moe)
     cache = ExpertCache.offload(offloaded, tempfile.mkdtemp(prefix="hf_ext_experts_"), args.capacity, "lru")

@@ -1,9 +1,11 @@
 """Read-ME decode latency with offloaded experts: pre-gated prefetch vs LRU on demand, side by side.
 
-    python benchmarks/moe_latency.py --out benchmarks/results/moe_latency.json
+    python benchmarks/moe_tune.py --cases readme --top-p 0.5 --tokens 65536 --save out/moe-tuned
+    python benchmarks/moe_latency.py --model out/moe-tuned --out benchmarks/results/moe_latency.json
 
-SmolLM2-135M -> pre-gated MoE (8 experts from the docs-sections labels, top-p 0.5, router trained on
-docs-sections train). Its routed experts are offloaded to ``experts.safetensors`` with room for
+The model: ``--model``, a saved SmolLM2-135M pre-gated MoE (the README's figures use the tuned one above:
+8 k-means experts, top-p 0.5, alternating rounds); without it, one built here (8 experts from the
+docs-sections labels, top-p 0.5, router trained on docs-sections train). Its routed experts are offloaded to ``experts.safetensors`` with room for
 ``--capacity`` experts per layer in RAM (reads come from the OS page cache: this measures the read and
 copy, not a cold disk). Greedy decoding of ``--new-tokens`` tokens after each held-out prompt
 (python-docs:eval), one stream, KV cache:
@@ -70,6 +72,16 @@ def trained_moe(dense, tok):
     return moe
 
 
+def serving_moe(dense, tok, folder: str | None):
+    """The saved pre-gated MoE in `folder` (benchmarks/moe_tune.py --save), else :func:`trained_moe`."""
+    if not folder:
+        return trained_moe(dense, tok)
+    from transformers import AutoModelForCausalLM
+
+    import hf_ext.moe  # noqa: F401  (registers the pre-gated MoE with the Auto classes)
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
+
+
 def main():
     from hf_ext.zoo import load_corpus
 
@@ -77,10 +89,12 @@ def main():
     ap.add_argument("--capacity", type=int, default=4, help="experts per layer kept in RAM (of 8)")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--model", default=None, help="a saved pre-gated MoE folder (the tuned model of "
+                    "benchmarks/moe_tune.py --save); default: the section-label MoE built here")
     ap.add_argument("--out", default="benchmarks/results/moe_latency.json")
     args = ap.parse_args()
     dense, tok = load_smollm2()
-    moe = trained_moe(dense, tok)
+    moe = serving_moe(dense, tok, args.model)
     in_ram = copy.deepcopy(moe)
     folder = tempfile.mkdtemp(prefix="hf_ext_experts_")
     cache = ExpertCache.offload(moe, folder, capacity=args.capacity, policy="lru")

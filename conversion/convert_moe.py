@@ -52,6 +52,7 @@ def _store(ids, tok, folder):
 
 def run(args) -> None:
     import shutil
+    import warnings
     from pathlib import Path
 
     from hf_ext.eval import perplexity, tokenize
@@ -71,9 +72,15 @@ def run(args) -> None:
     eval_text, model, tok = load_source(args)
     ids = tokenize(tok, load_corpus(args.calib_text), args.calib_tokens + max(args.train_tokens, args.tune_tokens))
     calib = _windows(ids, args.calib_tokens)
-    if len(calib) < 1 or len(ids) - args.calib_tokens < 256:
-        raise MoEError(f"--calib-text gave {len(ids)} tokens; it needs --calib-tokens ({args.calib_tokens}) plus at "
-                       "least 256 for the router. Give more text")
+    rest, need = len(ids) - args.calib_tokens, 4 * 256 if args.tune_tokens else 256   # one tuning batch: 4 x 256
+    if len(calib) < 1 or rest < need:
+        raise MoEError(f"--calib-text gave {len(ids)} tokens; it needs --calib-tokens ({args.calib_tokens}) for the "
+                       f"expert masks plus at least {need} for the router and tuning. Give more text, or lower "
+                       f"--calib-tokens to about half of it")
+    if args.tune_tokens > 4 * rest:
+        warnings.warn(f"tuning reads {args.tune_tokens} tokens from {rest} of --calib-text, each about "
+                      f"{args.tune_tokens // rest} times: the experts may overfit it. Give more text for a better "
+                      "model", stacklevel=1)
     masks = expert_masks(activation_stats(model, calib, clusters=args.experts), args.top_p)   # k-means clusters
     moe = convert_to_pregated_moe(model, masks)
     ckpt = Path(args.checkpoint_dir or f"{str(args.out).rstrip('/')}.tune")

@@ -61,3 +61,16 @@ def test_cli_convert_moe_on_smollm2(tmp_path, capsys):
     assert {"config.json", "model.safetensors", "modeling_pregated_moe.py", "README.md"} <= {p.name for p in out.iterdir()}
     assert main(["convert", "moe", "--top-p", "1.5", "--out", str(tmp_path / "x")]) == 2
     assert "--top-p 1.5 must lie in (0, 1]" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cli_convert_moe_short_text_is_a_clear_error(tmp_path, capsys):
+    from conversion.cli import main
+    from hf_ext.zoo import load_corpus
+
+    text = tmp_path / "calib.txt"
+    text.write_text(load_corpus("python-docs:train")[:8000])          # ~2k tokens, below --calib-tokens 16384
+    out = tmp_path / "moe"
+    assert main(["convert", "moe", "--calib-text", str(text), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--calib-tokens (16384)" in err and "lower --calib-tokens" in err, err
+    assert not out.exists() and not (tmp_path / "moe.tune").exists()
