@@ -1,6 +1,11 @@
 """Train the tiny class-conditional DiT that the ICC benchmark and tests run on (no DiT weights offline).
 
     python benchmarks/train_tiny_dit.py --steps 5000 --out tests/fixtures/tiny_dit
+    python benchmarks/train_tiny_dit.py --family pixart --steps 5000 --out tests/fixtures/tiny_pixart
+
+``--family pixart``: the same trainer on diffusers' ``PixArtTransformer2DModel`` (adaLN-single, cross-
+attention), the class given as a one-hot "caption" of 27 channels (26 photos + the null class for guidance,
+dropped 10% of the time here, as DiT's label embedding does itself), so the ICC benchmark has a second family.
 
 Data: 16x16 random crops (with horizontal flips) of scikit-image's real photos, each resized so its
 shorter side is 48 px; the class is the photo (26 classes), so samples of a class should look like
@@ -55,12 +60,30 @@ def crops(photos, n: int, g: torch.Generator, labels: torch.Tensor | None = None
     return torch.stack(xs), labels
 
 
-def build_model(num_classes: int):
-    from diffusers import DiTTransformer2DModel
+def build_model(num_classes: int, family: str = "dit"):
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
+    if family == "pixart":
+        return PixArtTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
+                                        num_layers=6, sample_size=SIZE, patch_size=PATCH, cross_attention_dim=128,
+                                        caption_channels=num_classes + 1, norm_num_groups=1)
     return DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3,
                                  num_layers=6, sample_size=SIZE, patch_size=PATCH, num_embeds_ada_norm=num_classes,
                                  norm_num_groups=1)
+
+
+def num_classes(model) -> int:
+    """Real classes; the index after them is the null class of classifier-free guidance."""
+    return model.config.caption_channels - 1 if model.config.caption_channels else model.config.num_embeds_ada_norm
+
+
+def denoise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The model's prediction for (B, 3, S, S) latents at timesteps t (B,), labels (B,) (null class allowed)."""
+    if model.config.caption_channels:                                     # PixArt: the class as a one-hot caption
+        caption = F.one_hot(labels, model.config.caption_channels).to(x.dtype)[:, None]     # (B, 1, C + 1)
+        return model(x, encoder_hidden_states=caption, timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return model(x, timestep=t, class_labels=labels).sample
 
 
 @torch.no_grad()
@@ -75,14 +98,14 @@ def sample(model, labels: torch.Tensor, steps: int = 50, guidance: float = 1.5, 
     g = torch.Generator().manual_seed(seed)
     size = model.config.sample_size
     x = torch.randn(len(labels), model.config.in_channels, size, size, generator=g)
-    null = torch.full_like(labels, model.config.num_embeds_ada_norm)
+    null = torch.full_like(labels, num_classes(model))
     for i, t in enumerate(sched.timesteps):
         if on_step is not None:
             on_step(i, t)
         if guidance == 1.0:
-            eps = model(x, timestep=t.expand(len(x)), class_labels=labels).sample
+            eps = denoise(model, x, t.expand(len(x)), labels)
         else:
-            both = model(torch.cat([x, x]), timestep=t.expand(2 * len(x)), class_labels=torch.cat([labels, null])).sample
+            both = denoise(model, torch.cat([x, x]), t.expand(2 * len(x)), torch.cat([labels, null]))
             cond, uncond = both.chunk(2)
             eps = uncond + guidance * (cond - uncond)
         x = sched.step(eps, t, x).prev_sample
@@ -109,12 +132,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=["dit", "pixart"], default="dit")
     ap.add_argument("--out", default="tests/fixtures/tiny_dit")
     args = ap.parse_args()
     acc = Accelerator()
     torch.manual_seed(args.seed)
     photos = load_photos()
-    model = build_model(len(photos))
+    model = build_model(len(photos), args.family)
     ema = EMAModel(model.parameters(), decay=0.999)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     lr_sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=min(200, args.steps // 10), num_training_steps=args.steps)
@@ -128,7 +152,9 @@ def main():
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (len(x0),), generator=g)
         xt = noise_sched.add_noise(x0, noise, t)
-        pred = model(xt.to(acc.device), timestep=t.to(acc.device), class_labels=y.to(acc.device)).sample
+        if args.family == "pixart":                                       # DiT's label embedding drops its own
+            y = torch.where(torch.rand(len(y), generator=g) < 0.1, len(photos), y)
+        pred = denoise(model, xt.to(acc.device), t.to(acc.device), y.to(acc.device))
         loss = F.mse_loss(pred.float(), noise.to(acc.device))
         acc.backward(loss)
         opt.step()

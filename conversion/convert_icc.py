@@ -5,13 +5,19 @@ from .common import add_json_arg, add_output_args, emit, load_diffusers_model, m
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("icc", help="increment-calibrated caching factors (SVD / CA-SVD / CD-SVD) for a diffusion transformer")
+    p = sub.add_parser("icc", help="increment-calibrated caching factors (SVD / CA-SVD / CD-SVD / RRR) for a diffusion "
+                       "transformer")
     p.add_argument("--model", required=True, help="a saved diffusers transformer folder (or a pipeline folder)")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--method", choices=["ca-svd", "cd-svd", "svd"], default="ca-svd")
+    p.add_argument("--method", choices=["ca-svd", "cd-svd", "svd", "rrr"], default="ca-svd",
+                   help="rrr: regression of the forecast's miss (with --granularity module)")
+    p.add_argument("--granularity", choices=["linear", "module"], default="linear",
+                   help="cache linear layers (the paper) or whole attention / MLP modules")
+    p.add_argument("--forecast", type=int, default=0, help="Taylor order of the forecast (0: the paper's reuse)")
     p.add_argument("--full-every", type=int, default=2, help="recompute everything every N denoiser calls")
-    p.add_argument("--calib-samples", type=int, default=4, help="CA-/CD-SVD: samples in the calibration run")
-    p.add_argument("--calib-steps", type=int, default=10, help="CA-/CD-SVD: DDIM steps of the calibration run")
+    p.add_argument("--warmup", type=int, default=0, help="the first N denoiser calls are always full")
+    p.add_argument("--calib-samples", type=int, default=4, help="samples in the calibration run")
+    p.add_argument("--calib-steps", type=int, default=10, help="DDIM steps of the calibration and check runs")
     add_output_args(p)
     add_json_arg(p)
     p.set_defaults(func=run)
@@ -25,8 +31,9 @@ def run(args) -> None:
     from hf_ext.dit_cache.macs import count_macs
     from hf_ext.hub import check_output_dir, render_card, save_converted
 
+    config = ICCConfig(rank=args.rank, method=args.method, full_every=args.full_every, warmup=args.warmup,
+                       forecast=args.forecast, granularity=args.granularity)
     out = check_output_dir(args.out, args.overwrite)
-    config = ICCConfig(rank=args.rank, method=args.method, full_every=args.full_every)
     model = load_diffusers_model(args.model)
     _check_dit(model)
     factors = calibrate(model, config, lambda: ddim_trajectory(model, args.calib_samples, args.calib_steps, seed=0))
@@ -38,7 +45,8 @@ def run(args) -> None:
         got = ddim_trajectory(model, 2, args.calib_steps, seed=1)
     state = icc_state(model)
     remove_icc_cache(model)
-    result = {"method": args.method, "rank": args.rank, "full_every": args.full_every,
+    result = {"method": args.method, "rank": args.rank, "granularity": args.granularity, "forecast": args.forecast,
+              "full_every": args.full_every, "warmup": args.warmup,
               "layers": len(factors), "macs_saved": 1 - cached.total / full.total,
               "final_rel_error": float((got - ref).norm() / ref.norm()), "full_steps": state.full_steps,
               "steps": state.step}

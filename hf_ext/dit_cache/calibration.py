@@ -1,14 +1,18 @@
-"""Calibration runs: the denoising trajectory a CA-SVD calibration measures channels on.
+"""Calibration: the statistics each correction is computed from, and the factors.
 
-``ddim_trajectory(transformer, ...)`` runs class-conditional DDIM sampling (DiT-style inputs: latents,
-timestep, class labels; classifier-free guidance batched) from seeded noise; ``relative_step_error``
-compares one cached step with the exact one.
+- ``channel_stats``: mean |x| and |y| per channel (CA-SVD), or of step-to-step increments (CD-SVD);
+- ``residual_stats``: Gram sums of what the forecast misses under the config's schedule (RRR);
+- ``compute_factors`` / ``calibrate``: the (A, B) of every cached layer;
+- ``ddim_trajectory``: class-conditional DDIM sampling (DiT-style inputs: latents, timestep, class labels;
+  classifier-free guidance batched) from seeded noise, the default calibration run.
 """
 from __future__ import annotations
 
 import torch
 
-from .config import ICCError
+from .config import ICCConfig, ICCError
+from .hooks import target_layers
+from .ops import ca_svd_factors, rrr_factors, svd_factors, taylor_forecast
 
 
 def _check_dit(transformer) -> None:
@@ -40,3 +44,120 @@ def ddim_trajectory(transformer, samples: int = 4, steps: int = 10, guidance: fl
         if on_step is not None:
             on_step(i, t)
     return x
+
+
+def compute_factors(transformer, config: ICCConfig, stats: dict | None = None, allow_full_rank: bool = False) -> dict:
+    """``{layer name: (A, B)}`` for every cached layer. ``stats`` is needed for CA-SVD and CD-SVD (from
+    ``channel_stats``; they share the weighted factorisation and differ only in what was measured) and for RRR
+    (from ``residual_stats``)."""
+    if config.method == "reuse":
+        return {}
+    out = {}
+    for name, lin in target_layers(transformer, config).items():
+        if config.method == "rrr":
+            if stats is None or name not in stats:
+                raise ICCError("rrr needs residual statistics: run hf_ext.dit_cache.calibrate(..., run=...) first")
+            xx, xy = stats[name]
+            if config.rank >= min(xy.shape):
+                raise ICCError(f"rank={config.rank} >= min(in, out)={min(xy.shape)} of {name}: the correction would "
+                               "cost more than the layer; choose a smaller rank")
+            out[name] = rrr_factors(xx, xy, config.rank, config.ridge)
+            continue
+        full = min(lin.in_features, lin.out_features)
+        if config.rank > full or (config.rank == full and not allow_full_rank):
+            raise ICCError(f"rank={config.rank} >= min(in, out)={full} of {name}: the correction would cost more "
+                           "than the layer; choose a smaller rank")
+        if config.method == "svd":
+            out[name] = svd_factors(lin.weight, config.rank)
+        else:
+            if stats is None or name not in stats:
+                raise ICCError(f"{config.method} needs calibration statistics: run hf_ext.dit_cache.calibrate(...) "
+                               "first, or use method='svd'")
+            out[name] = ca_svd_factors(lin.weight, *stats[name], config.rank, config.clamp)
+    return out
+
+
+@torch.no_grad()
+def channel_stats(transformer, config: ICCConfig, run, increments: bool = False) -> dict:
+    """Mean |x_j| and mean |y_i| of every targeted linear over ``run()`` (a few denoising calls).
+
+    With ``increments=True`` (CD-SVD) the means are of the step-to-step increments |x_t - x_{t-1}| and
+    |y_t - y_{t-1}| between consecutive calls of each layer, the quantities a cached step approximates.
+    """
+    sums, last, handles = {}, {}, []
+    for name, lin in target_layers(transformer, config).items():
+        def hook(mod, args, y, name=name):
+            x, prev = args[0], last.get(name)
+            if increments:
+                last[name] = (x.detach().clone(), y.detach().clone())
+                if prev is None or prev[0].shape != x.shape:
+                    return
+                x, y = x - prev[0], y - prev[1]
+            sx, sy, n = sums.get(name, (0, 0, 0))
+            sums[name] = (sx + x.abs().flatten(0, -2).sum(0).float(), sy + y.abs().flatten(0, -2).sum(0).float(),
+                          n + x[..., 0].numel())
+        handles.append(lin.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    if len(sums) < len(handles):
+        raise ICCError("the calibration run did not reach every targeted layer" +
+                       (" at least twice (CD-SVD needs consecutive steps)" if increments else "") +
+                       "; make run() call the transformer for a few denoising steps")
+    return {name: (sx / n, sy / n) for name, (sx, sy, n) in sums.items()}
+
+
+@torch.no_grad()
+def residual_stats(transformer, config: ICCConfig, run) -> dict:
+    """Gram sums ``(Σ dx dxᵀ, Σ dx dyᵀ)`` of every cached layer over ``run()`` (one uncached sampling run).
+
+    The run is exact; along it, ``config``'s schedule is simulated: at each step it would cache, a layer's
+    input and output misses dx = x - x_f and dy = y - y_f against their forecasts from the steps it would
+    have recomputed (``taylor_forecast``, order ``config.forecast``) are accumulated, rows over tokens and
+    batch. One transformer call is one step (CFG branches batched in one call, as DiT pipelines do).
+    """
+    step, sums, hist, handles = [-1], {}, {}, []
+
+    def count(module, args, kwargs):
+        step[0] += 1
+    handles.append(transformer.register_forward_pre_hook(count, with_kwargs=True))
+    for name, layer in target_layers(transformer, config).items():
+        def hook(mod, args, y, name=name):
+            x, y = args[0], (y[0] if isinstance(y, tuple) else y)
+            h = hist.get(name, [])
+            if h and h[-1][1][0].shape != x.shape:
+                h = []                                                 # batch or resolution changed
+            if config.is_full(step[0]) or not h:
+                hist[name] = (h + [(step[0], (x.detach().clone(), y.detach().clone()))])[-(config.forecast + 1):]
+                return
+            dx = (x - taylor_forecast([(s, v[0]) for s, v in h], step[0], config.forecast)).flatten(0, -2).double()
+            dy = (y - taylor_forecast([(s, v[1]) for s, v in h], step[0], config.forecast)).flatten(0, -2).double()
+            xx, xy = sums.get(name, (0, 0))
+            sums[name] = (xx + dx.T @ dx, xy + dx.T @ dy)                # (in, in), (in, out)
+        handles.append(layer.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    if len(sums) < len(handles) - 1:
+        raise ICCError("the calibration run reached no step its schedule would cache for some layers; make run() "
+                       f"call the transformer for more steps than warmup={config.warmup} + full_every="
+                       f"{config.full_every}")
+    return sums
+
+
+def calibrate(transformer, config: ICCConfig, run=None) -> dict:
+    """Factors for ``config``: SVD needs only the weights; CA-SVD and CD-SVD also run ``run()`` once to
+    measure the channels (of the activations, or of their step-to-step increments); RRR runs it once to
+    measure what the forecast misses under the config's schedule."""
+    if config.method in ("ca-svd", "cd-svd", "rrr") and run is None:
+        raise ICCError(f"{config.method} calibration needs run=..., a callable that runs a few denoising steps")
+    stats = None
+    if config.method in ("ca-svd", "cd-svd"):
+        stats = channel_stats(transformer, config, run, increments=config.method == "cd-svd")
+    elif config.method == "rrr":
+        stats = residual_stats(transformer, config, run)
+    return compute_factors(transformer, config, stats)

@@ -24,7 +24,7 @@ import torch
 from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
 
 from .config import ICCConfig, ICCError
-from .ops import ca_svd_factors, icc_step_projected, svd_factors
+from .ops import icc_step_projected, taylor_forecast
 
 STEP_HOOK = "hf_ext_icc_step"
 LINEAR_HOOK = "hf_ext_icc_linear"
@@ -37,15 +37,21 @@ class ICCState(BaseState):
         self.reset()
 
     def reset(self):
+        # macs: what the cached layers executed (linear targets), plus the corrections (module targets)
         self.step, self.full, self.cache, self.macs, self.full_steps = 0, True, {}, 0, 0
 
 
-def target_linears(transformer: torch.nn.Module, config: ICCConfig) -> dict[str, torch.nn.Linear]:
+def target_layers(transformer: torch.nn.Module, config: ICCConfig) -> dict[str, torch.nn.Module]:
+    """The cached layers: linear layers (``granularity="linear"``) or any modules (``"module"``) named by targets."""
     pattern = re.compile(config.targets)
-    found = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and pattern.search(n)}
+    linear = config.granularity == "linear"
+    found = {n: m for n, m in transformer.named_modules()
+             if (isinstance(m, torch.nn.Linear) or not linear) and n and pattern.search(n)}
     if not found:
-        raise ICCError(f"{type(transformer).__name__} has no linear layer matching the ICC targets (attention "
-                       "q/k/v/out and MLP layers inside transformer_blocks); pass targets=... naming its layers")
+        what = ("linear layer matching the ICC targets (attention q/k/v/out and MLP layers" if linear else
+                "module matching the ICC module targets (attention and feed-forward modules")
+        raise ICCError(f"{type(transformer).__name__} has no {what} inside transformer_blocks); pass targets=... "
+                       "naming its layers")
     return found
 
 
@@ -60,9 +66,9 @@ class _StepHook(ModelHook):
         if self.states._context is None:  # not a CacheMixin model, or called outside cache_context
             self.states.set_context(CacheContext("default"))
         st = self.states.get_state()
-        st.full = st.step % self.config.full_every == 0 or not st.cache
-        if self.config.threshold is not None and st.cache:
-            st.full = False  # decided by the first targeted layer (see _LinearHook)
+        st.full = self.config.is_full(st.step) or not st.cache
+        if self.config.threshold is not None and st.cache and st.step >= self.config.warmup:
+            st.full = False  # decided by the first targeted layer (see _CacheHook)
         st.step += 1
         st.full_steps += st.full
         return args, kwargs
@@ -72,122 +78,82 @@ class _StepHook(ModelHook):
         return module
 
 
-class _LinearHook(ModelHook):
+def _forecast(hist: list, k: int, step: int, order: int):
+    """Field ``k`` of the history entries (step, ẑ, ŷ) extrapolated to ``step``; tuples element by element."""
+    pts = [(h[0], h[k]) for h in hist]
+    if pts[-1][1] is None or order == 0:
+        return pts[-1][1]
+    if isinstance(pts[-1][1], tuple):
+        return tuple(taylor_forecast([(s, v[i]) for s, v in pts], step, order) for i in range(len(pts[-1][1])))
+    return taylor_forecast(pts, step, order)
+
+
+class _CacheHook(ModelHook):
+    """One cached layer (a linear, or a whole attention / MLP module): full steps run it and record; cached
+    steps return the forecast output y_f (ŷ when ``forecast=0``), corrected by A (B x - ẑ_f) when factored."""
+
     _is_stateful = True
 
-    def __init__(self, name: str, states: StateManager, factors: tuple | None, threshold: float | None, first: bool):
+    def __init__(self, name: str, states: StateManager, factors: tuple | None, config: ICCConfig, first: bool):
         super().__init__()
-        self.name, self.states, self.threshold, self.first = name, states, threshold, first
+        self.name, self.states, self.config, self.first = name, states, config, first
         self.A, self.B = factors if factors is not None else (None, None)
 
-    def new_forward(self, module, x):
-        # the cache holds, per layer, (x.shape, ẑ = x̂ Bᵀ or None, ŷ, x̂ if this layer decides adaptive steps)
-        st = self.states.get_state()
+    def new_forward(self, module, x, *args, **kwargs):
+        # the cache holds, per layer: (x.shape, [(step, ẑ = x̂ Bᵀ or None, ŷ)] of the last full steps, x̂ if this
+        # layer decides adaptive steps)
+        st, cfg = self.states.get_state(), self.config
         hit = st.cache.get(self.name)
         if hit is not None and hit[0] != x.shape:
             hit = None                                            # batch or resolution changed: recompute
-        if hit is not None and self.first and self.threshold is not None and not st.full:
-            rel = ((x - hit[3]).norm() / hit[3].norm().clamp_min(1e-12)).item()
-            st.full = rel > self.threshold
+        if hit is not None and self.first and cfg.threshold is not None and not st.full:
+            rel = ((x - hit[2]).norm() / hit[2].norm().clamp_min(1e-12)).item()
+            st.full = rel > cfg.threshold
             st.full_steps += st.full
-        rows = x[..., 0].numel()
+        rows, linear = x[..., 0].numel(), isinstance(module, torch.nn.Linear)
+        step = st.step - 1                                        # this call's index (the step hook counted it)
         if st.full or hit is None:
-            y = self.fn_ref.original_forward(x)
+            y = self.fn_ref.original_forward(x, *args, **kwargs)
             z = None
             if self.A is not None:
                 self.A, self.B = self.A.to(x.device), self.B.to(x.device)
                 z = x.reshape(-1, x.shape[-1]).to(self.B.dtype) @ self.B.T           # (N, r)
-                st.macs += rows * module.in_features * self.A.shape[1]
-            keep_x = x.detach() if self.first and self.threshold is not None else None
-            st.cache[self.name] = (x.shape, z, y.detach(), keep_x)
-            st.macs += rows * module.in_features * module.out_features
+                st.macs += rows * x.shape[-1] * self.A.shape[1]
+            y_keep = tuple(t.detach() for t in y) if isinstance(y, tuple) else y.detach()
+            hist = ([] if hit is None else hit[1])[-cfg.forecast:] if cfg.forecast else []
+            keep_x = x.detach() if self.first and cfg.threshold is not None else None
+            st.cache[self.name] = (x.shape, hist + [(step, z, y_keep)], keep_x)
+            st.macs += rows * module.in_features * module.out_features if linear else 0
             return y
-        if self.A is not None:
-            st.macs += rows * (module.in_features + module.out_features) * self.A.shape[1]
-            return icc_step_projected(x, hit[1], hit[2], self.A, self.B)
-        return hit[2]
+        y_f = _forecast(hit[1], 2, step, cfg.forecast)            # (..., out), or a tuple of outputs
+        if self.A is None:
+            return y_f
+        z_f = _forecast(hit[1], 1, step, cfg.forecast)            # (N, r)
+        st.macs += rows * (x.shape[-1] + self.A.shape[0]) * self.A.shape[1]
+        if isinstance(y_f, tuple):
+            return (icc_step_projected(x, z_f, y_f[0], self.A, self.B),) + y_f[1:]
+        return icc_step_projected(x, z_f, y_f, self.A, self.B)
 
     def reset_state(self, module):
         self.states.reset()
         return module
 
 
-def compute_factors(transformer, config: ICCConfig, stats: dict | None = None, allow_full_rank: bool = False) -> dict:
-    """``{layer name: (A, B)}`` for every targeted linear. ``stats`` (from ``channel_stats``) is needed for
-    CA-SVD and CD-SVD, which share the weighted factorisation and differ only in what was measured."""
-    if config.method == "reuse":
-        return {}
-    out = {}
-    for name, lin in target_linears(transformer, config).items():
-        full = min(lin.in_features, lin.out_features)
-        if config.rank > full or (config.rank == full and not allow_full_rank):
-            raise ICCError(f"rank={config.rank} >= min(in, out)={full} of {name}: the correction would cost more "
-                           "than the layer; choose a smaller rank")
-        if config.method == "svd":
-            out[name] = svd_factors(lin.weight, config.rank)
-        else:
-            if stats is None or name not in stats:
-                raise ICCError(f"{config.method} needs calibration statistics: run hf_ext.dit_cache.calibrate(...) "
-                               "first, or use method='svd'")
-            out[name] = ca_svd_factors(lin.weight, *stats[name], config.rank, config.clamp)
-    return out
-
-
-@torch.no_grad()
-def channel_stats(transformer, config: ICCConfig, run, increments: bool = False) -> dict:
-    """Mean |x_j| and mean |y_i| of every targeted linear over ``run()`` (a few denoising calls).
-
-    With ``increments=True`` (CD-SVD) the means are of the step-to-step increments |x_t - x_{t-1}| and
-    |y_t - y_{t-1}| between consecutive calls of each layer, the quantities a cached step approximates.
-    """
-    sums, last, handles = {}, {}, []
-    for name, lin in target_linears(transformer, config).items():
-        def hook(mod, args, y, name=name):
-            x, prev = args[0], last.get(name)
-            if increments:
-                last[name] = (x.detach().clone(), y.detach().clone())
-                if prev is None or prev[0].shape != x.shape:
-                    return
-                x, y = x - prev[0], y - prev[1]
-            sx, sy, n = sums.get(name, (0, 0, 0))
-            sums[name] = (sx + x.abs().flatten(0, -2).sum(0).float(), sy + y.abs().flatten(0, -2).sum(0).float(),
-                          n + x[..., 0].numel())
-        handles.append(lin.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    if len(sums) < len(handles):
-        raise ICCError("the calibration run did not reach every targeted layer" +
-                       (" at least twice (CD-SVD needs consecutive steps)" if increments else "") +
-                       "; make run() call the transformer for a few denoising steps")
-    return {name: (sx / n, sy / n) for name, (sx, sy, n) in sums.items()}
-
-
-def calibrate(transformer, config: ICCConfig, run=None) -> dict:
-    """Factors for ``config``: SVD needs only the weights; CA-SVD and CD-SVD also run ``run()`` once to
-    measure the channels (of the activations, or of their step-to-step increments)."""
-    if config.method in ("ca-svd", "cd-svd") and run is None:
-        raise ICCError(f"{config.method} calibration needs run=..., a callable that runs a few denoising steps")
-    stats = None
-    if config.method in ("ca-svd", "cd-svd"):
-        stats = channel_stats(transformer, config, run, increments=config.method == "cd-svd")
-    return compute_factors(transformer, config, stats)
-
-
 def apply_icc_cache(transformer, config: ICCConfig, factors: dict | None = None) -> ICCState:
     """Attach ICC to ``transformer`` (factors from ``calibrate``; computed by SVD if omitted and method='svd')."""
     if getattr(transformer, "_hf_ext_icc", None) is not None:
         raise ICCError("ICC is already applied to this transformer; remove_icc_cache(transformer) first")
-    linears = target_linears(transformer, config)
+    linears = target_layers(transformer, config)
     if factors is None:
+        from .calibration import compute_factors
+
         factors = compute_factors(transformer, config)
     for name, (A, B) in factors.items():
         lin = linears.get(name)
-        if lin is None or A.shape != (lin.out_features, A.shape[1]) or B.shape != (A.shape[1], lin.in_features):
+        shape = (getattr(lin, "out_features", A.shape[0]), getattr(lin, "in_features", B.shape[1]))
+        if lin is None or A.shape != (shape[0], A.shape[1]) or B.shape != (A.shape[1], shape[1]):
             raise ICCError(f"calibration factors for '{name}' do not fit this transformer (layer "
-                           f"{'missing' if lin is None else tuple(lin.weight.shape)}, factors {tuple(A.shape)} x "
+                           f"{'missing' if lin is None else shape}, factors {tuple(A.shape)} x "
                            f"{tuple(B.shape)}); they were computed for another model: recalibrate")
     if config.method != "reuse" and set(factors) != set(linears):
         raise ICCError(f"calibration factors cover {len(factors)} of {len(linears)} targeted layers; recalibrate")
@@ -195,7 +161,7 @@ def apply_icc_cache(transformer, config: ICCConfig, factors: dict | None = None)
     first = next(iter(linears))
     HookRegistry.check_if_exists_or_initialize(transformer).register_hook(_StepHook(states, config), STEP_HOOK)
     for name, lin in linears.items():
-        hook = _LinearHook(name, states, factors.get(name), config.threshold, name == first)
+        hook = _CacheHook(name, states, factors.get(name), config, name == first)
         HookRegistry.check_if_exists_or_initialize(lin).register_hook(hook, LINEAR_HOOK)
     transformer._hf_ext_icc = states
     return states

@@ -1,7 +1,7 @@
 """Count the multiply-accumulates a forward pass actually executes.
 
 A ``TorchFunctionMode`` sees every ``F.linear``, ``F.conv2d``, ``F.scaled_dot_product_attention`` and
-matrix product that really runs, so skipped blocks (FirstBlockCache), reused attention (Pyramid Attention
+matrix product (``@``, ``mm``, ``bmm``, ``addmm``, ``baddbmm``) that really runs, so skipped blocks (FirstBlockCache), reused attention (Pyramid Attention
 Broadcast), forecast outputs (TaylorSeer) and ICC's low-rank corrections are all counted as they execute,
 not from a formula.
 
@@ -53,4 +53,6 @@ class count_macs(TorchFunctionMode):  # noqa: N801 (used as a context manager, l
             self.by_op["attention"] += 2 * q.numel() // q.shape[-1] * k.shape[-2] * q.shape[-1]
         elif func in (torch.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.matmul, torch.mm):
             self.by_op["matmul"] += _matmul_macs(args[0], args[1])
+        elif func in (torch.addmm, torch.Tensor.addmm, torch.baddbmm, torch.Tensor.baddbmm):   # C + A @ B
+            self.by_op["matmul"] += _matmul_macs(args[1], args[2])
         return func(*args, **kwargs)

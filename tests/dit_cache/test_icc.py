@@ -234,3 +234,10 @@ def test_macs_are_counted_as_executed():
     with count_macs() as cached:
         m(torch.ones(1, 2))
     assert full.by_op["linear"] == 4 and cached.total == 0   # naive reuse runs no linear at all (integer counts)
+    remove_icc_cache(m)
+    A, B = torch.tensor([[2.0], [0.0]]), torch.tensor([[1.0, 0.0]])
+    apply_icc_cache(m, ICCConfig(rank=1, method="svd", full_every=2), {"transformer_blocks.0.ff.net.2": (A, B)})
+    m(torch.ones(1, 2))                            # full: W x (2 x 2) and the projection ẑ = B x (1 x 2)
+    with count_macs() as cached:                   # cached: B x (1 x 2), then the addmm with A (2 x 1)
+        m(torch.ones(1, 2))
+    assert cached.total == 4 and icc_state(m).macs == (4 + 2) + 4, cached.by_op
