@@ -1,23 +1,26 @@
-"""ICC vs other DiT caches on the trained tiny DiT, at matched measured MAC savings, side by side in one run.
+"""ICC vs other DiT caches on trained tiny diffusion transformers, at matched measured MAC savings, side by side.
 
     python benchmarks/dit_cache.py --out benchmarks/results/dit_cache.json
+    python benchmarks/dit_cache.py --model tests/fixtures/tiny_pixart --out benchmarks/results/dit_cache_pixart.json
 
-Model: tests/fixtures/tiny_dit (``benchmarks/train_tiny_dit.py``: a class-conditional pixel-space DiT trained
-on 16x16 crops of real photos). Sampling: DDIM 35 steps, classifier-free guidance 1.5 (cond and uncond in one
-batch), ``--samples`` samples with fixed seeds and labels; every method starts from the same noise. The
-reference is the uncached model. MACs are counted as executed (``hf_ext.dit_cache.macs``), over the whole
-sampling run. CA-SVD and CD-SVD are calibrated on a separate run (other seed and labels) of the uncached
-model. PSNR (on [0, 1] pixels, mean over samples) and SSIM (torchmetrics) are against the uncached samples.
-For each target saving, each method's PSNR is interpolated on its Pareto front (saving vs PSNR over its
-grid) between the two settings that bracket the target. The CPU speedup of each method's setting nearest
-the middle target is the median of interleaved (uncached, cached) timings.
+Models (``benchmarks/train_tiny_dit.py``, trained on 16x16 crops of real photos, 26 classes): the
+class-conditional DiT (tests/fixtures/tiny_dit) and PixArt (tests/fixtures/tiny_pixart, the class as a
+one-hot caption). Sampling: DDIM 35 steps, classifier-free guidance 1.5 (cond and uncond in one batch); every
+method starts from the same noise; the reference is the uncached model. MACs are counted as executed
+(``hf_ext.dit_cache.macs``) over the whole run. PSNR (on [0, 1] pixels, mean over samples) and SSIM
+(torchmetrics) are against the uncached samples.
+
+Settings are chosen on a dev run, never on the evaluation samples: every setting of every method's grid runs
+on ``--dev-samples`` dev samples (seed 1000, other labels); per target saving, the two settings of the
+method's dev Pareto front (saving vs PSNR) that bracket it are then run on the ``--samples`` evaluation
+samples (seed 0), and the PSNR is interpolated between them at the target, by their measured savings.
+Calibration (CA-SVD, CD-SVD, RRR) uses a third run (seed 123, other labels). Wall clock: benchmarks/dit_cache_speed.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from train_tiny_dit import sample  # noqa: E402
+from train_tiny_dit import num_classes, sample  # noqa: E402
 
 from hf_ext.dit_cache import ICCConfig, apply_icc_cache, remove_icc_cache  # noqa: E402
 from hf_ext.dit_cache.macs import count_macs  # noqa: E402
@@ -58,42 +61,54 @@ def frontier(points: list[dict]) -> list[dict]:
     return front[::-1]
 
 
-def at_saving(points: list[dict], target: float, tol: float = 0.005) -> dict:
-    """PSNR/SSIM at ``target`` saving, linear between the bracketing Pareto settings (None outside the grid)."""
+def bracket(points: list[dict], target: float, tol: float = 0.005) -> list[dict]:
+    """The settings of the Pareto front at ``target`` saving: one within ``tol``, else the two around it."""
     front = frontier(points)
-    for p in front:
-        if abs(p["macs_saved"] - target) <= tol:
-            return {"psnr_db": p["psnr_db"], "ssim": p["ssim"], "settings": p["setting"]}
-    for lo, hi in zip(front, front[1:]):
-        if lo["macs_saved"] < target < hi["macs_saved"]:
-            w = (target - lo["macs_saved"]) / (hi["macs_saved"] - lo["macs_saved"])
-            return {"psnr_db": lo["psnr_db"] + w * (hi["psnr_db"] - lo["psnr_db"]),
-                    "ssim": lo["ssim"] + w * (hi["ssim"] - lo["ssim"]),
-                    "settings": f"{lo['setting']} ({lo['macs_saved']:.1%}) .. {hi['setting']} ({hi['macs_saved']:.1%})"}
-    return {"psnr_db": None, "ssim": None, "settings": "grid does not reach this saving"}
+    near = [p for p in front if abs(p["macs_saved"] - target) <= tol]
+    if near:
+        return near[:1]
+    return next(([lo, hi] for lo, hi in zip(front, front[1:]) if lo["macs_saved"] < target < hi["macs_saved"]), [])
 
 
-def run(model, labels, seed, clock: dict):
-    """One sampling run from fresh cache state: (samples, MACs executed, seconds). ``clock["t"]``: the timestep."""
+def interpolate(evals: list[dict], target: float) -> dict:
+    """PSNR/SSIM at ``target``, linear in the measured savings of one or two evaluated settings."""
+    if not evals:
+        return {"psnr_db": None, "ssim": None, "settings": "grid does not reach this saving"}
+    if len(evals) == 1:
+        return {"psnr_db": evals[0]["psnr_db"], "ssim": evals[0]["ssim"], "settings": evals[0]["setting"]}
+    lo, hi = sorted(evals, key=lambda e: e["macs_saved"])
+    w = (target - lo["macs_saved"]) / (hi["macs_saved"] - lo["macs_saved"])
+    return {"psnr_db": lo["psnr_db"] + w * (hi["psnr_db"] - lo["psnr_db"]),
+            "ssim": lo["ssim"] + w * (hi["ssim"] - lo["ssim"]),
+            "settings": f"{lo['setting']} ({lo['macs_saved']:.1%}) .. {hi['setting']} ({hi['macs_saved']:.1%})"}
+
+
+def run(model, labels, seed, clock: dict, steps: int = STEPS, count: bool = True):
+    """One sampling run from fresh cache state: (samples, MACs executed, seconds). ``clock["t"]``: the timestep.
+    ``count=False`` runs without the MAC counter (its per-op dispatch would weigh on the timing); MACs are 0."""
+    import contextlib
+
     from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 
     reg = HookRegistry.check_if_exists_or_initialize(model)
     reg._child_registries_cache = None  # hooks were added to blocks since the last run
     reg.reset_stateful_hooks(recurse=True)
     _set_cache_context(model, CacheContext("cfg"))  # DiT is not a CacheMixin: one context for the batched CFG call
-    with count_macs() as macs:
+    with count_macs() if count else contextlib.nullcontext() as macs:
         t0 = time.perf_counter()
-        out = sample(model, labels, STEPS, GUIDANCE, seed, on_step=lambda i, t: clock.__setitem__("t", int(t)))
+        out = sample(model, labels, steps, GUIDANCE, seed, on_step=lambda i, t: clock.__setitem__("t", int(t)))
         secs = time.perf_counter() - t0
     _set_cache_context(model, None)
-    return out, macs.total, secs
+    return out, macs.total if count else 0, secs
 
 
 def methods(model, calib_run, clock: dict):
-    """name -> (apply(model) -> None, remove(model) -> None) for each setting of each method's grid."""
+    """(method, setting) -> (apply(model) -> None, remove(model) -> None) for each setting of each method's grid."""
     from diffusers.hooks import (FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
                                  apply_first_block_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache)
     from diffusers.hooks.hooks import HookRegistry
+
+    from hf_ext.dit_cache import channel_stats, compute_factors, residual_stats
 
     def strip(m):
         reg = HookRegistry.check_if_exists_or_initialize(m)
@@ -105,32 +120,46 @@ def methods(model, calib_run, clock: dict):
                 for name in list(r.hooks):
                     r.remove_hook(name, recurse=False)
 
-    out = {}
-    from hf_ext.dit_cache import channel_stats, compute_factors
+    def icc(cfg, f):
+        return (lambda m: apply_icc_cache(m, cfg, f)), remove_icc_cache
 
+    out = {}
     stats = {"svd": None, "ca-svd": channel_stats(model, ICCConfig(rank=1), calib_run),
              "cd-svd": channel_stats(model, ICCConfig(rank=1), calib_run, increments=True)}
     for n in (2, 3, 4, 5):
-        out[("reuse", f"N={n}")] = (lambda m, n=n: apply_icc_cache(m, ICCConfig(rank=1, method="reuse", full_every=n), {}),
-                                    remove_icc_cache)
+        out[("reuse", f"N={n}")] = icc(ICCConfig(rank=1, method="reuse", full_every=n), {})
         for r in RANKS:
             for method in ("svd", "ca-svd", "cd-svd"):
                 cfg = ICCConfig(rank=r, method=method, full_every=n)
-                f = compute_factors(model, cfg, stats[method])
-                out[(f"ICC {method.upper()}", f"N={n} r={r}")] = (lambda m, cfg=cfg, f=f: apply_icc_cache(m, cfg, f),
-                                                                  remove_icc_cache)
+                out[(f"ICC {method.upper()}", f"N={n} r={r}")] = icc(cfg, compute_factors(model, cfg, stats[method]))
     for th in (0.1, 0.2, 0.3):     # the adaptive schedule: recompute when the first layer's input moved > th
-        out[("reuse", f"threshold={th}")] = (
-            lambda m, th=th: apply_icc_cache(m, ICCConfig(rank=1, method="reuse", threshold=th), {}), remove_icc_cache)
+        out[("reuse", f"threshold={th}")] = icc(ICCConfig(rank=1, method="reuse", threshold=th), {})
+    # forecast and correct, per linear layer: CA-SVD factors, inputs and outputs forecast to first order
+    for n, warm in ((2, 0), (3, 0), (4, 0), (2, 4), (3, 4), (4, 4)):
+        for r in (8, 16, 32):
+            cfg = ICCConfig(rank=r, method="ca-svd", full_every=n, warmup=warm, forecast=1)
+            out[("ICC CA-SVD + forecast", f"N={n} warmup={warm} r={r}")] = icc(cfg, compute_factors(model, cfg, stats["ca-svd"]))
+    # forecast and correct, per module: attention and MLP modules skipped, RRR-corrected (fitted per schedule)
+    for order in (1, 2):
+        for n, warm in ((2, 2), (2, 4), (2, 8), (3, 2), (3, 4), (4, 4)):
+            base = ICCConfig(rank=max(RANKS), method="rrr", granularity="module", full_every=n, warmup=warm,
+                             forecast=order)
+            res = residual_stats(model, base, calib_run)
+            for r in (4, 8, 16):
+                cfg = ICCConfig(**{**base.__dict__, "rank": r})
+                out[("ICC RRR modules + forecast", f"order={order} N={n} warmup={warm} r={r}")] = icc(
+                    cfg, compute_factors(model, cfg, res))
     for th in (0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.2, 0.4):
         out[("FirstBlockCache", f"threshold={th}")] = (
             lambda m, th=th: apply_first_block_cache(m, FirstBlockCacheConfig(threshold=th)), strip)
-    for n, warm in ((2, 16), (2, 8), (2, 2), (3, 2), (4, 2), (6, 2)):
-        out[("TaylorSeer", f"interval={n} warmup={warm}")] = (
-            lambda m, n=n, warm=warm: apply_taylorseer_cache(m, TaylorSeerCacheConfig(
-                cache_interval=n, disable_cache_before_step=warm, taylor_factors_dtype=torch.float32,
-                # its default patterns (re.fullmatch "^transformer_blocks.*attn") miss DiT's attn1 / ff
-                cache_identifiers=[r"transformer_blocks\.\d+\.(attn1|ff)"])), strip)
+    for order in (1, 2):
+        for n, warm in ((2, 16), (2, 8), (2, 4), (2, 2), (3, 4), (3, 2), (4, 2), (6, 2)):
+            out[("TaylorSeer", f"order={order} interval={n} warmup={warm}")] = (
+                lambda m, n=n, warm=warm, order=order: apply_taylorseer_cache(m, TaylorSeerCacheConfig(
+                    cache_interval=n, disable_cache_before_step=warm, max_order=order,
+                    taylor_factors_dtype=torch.float32,
+                    # its default patterns (re.fullmatch "^transformer_blocks.*attn") miss DiT's attn1 / ff
+                    cache_identifiers=[r"transformer_blocks\.\d+\.(attn\d|ff)"])), strip)
     for n in (2, 3, 4, 6):
         out[("PyramidAttentionBroadcast", f"skip={n}")] = (
             lambda m, n=n: apply_pyramid_attention_broadcast(m, PyramidAttentionBroadcastConfig(
@@ -139,65 +168,69 @@ def methods(model, calib_run, clock: dict):
     return out
 
 
-def main():
-    from diffusers import DiTTransformer2DModel
+def load(folder: str):
+    """The saved diffusers transformer in ``folder`` (DiT or PixArt), float32, eval mode."""
+    import diffusers
 
+    name = json.loads((Path(folder) / "config.json").read_text())["_class_name"]
+    return getattr(diffusers, name).from_pretrained(folder, torch_dtype=torch.float32).eval()
+
+
+def measure(model, grid, keys, labels, seed, ref, ref_macs, clock, log=None) -> list[dict]:
+    rows = []
+    for key in keys:
+        apply, remove = grid[key]
+        apply(model)
+        try:
+            out, macs, _ = run(model, labels, seed, clock)
+        finally:
+            remove(model)
+        rows.append({"method": key[0], "setting": key[1], "macs_saved": 1 - macs / ref_macs,
+                     "psnr_db": psnr(out, ref), "ssim": ssim(out, ref)})
+        if log:
+            print(log, json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(HERE.parent / "tests/fixtures/tiny_dit"))
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--dev-samples", type=int, default=16)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.30, 0.45, 0.60])
-    ap.add_argument("--repeats", type=int, default=3, help="timed (uncached, cached) pairs per selected setting")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", default="benchmarks/results/dit_cache.json")
     args = ap.parse_args()
-    model = DiTTransformer2DModel.from_pretrained(args.model, torch_dtype=torch.float32).eval()
-    classes = model.config.num_embeds_ada_norm
-    labels = torch.arange(args.samples) % classes
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.model)
+    classes = num_classes(model)
+    labels, dev_labels = torch.arange(args.samples) % classes, (torch.arange(args.dev_samples) * 5 + 2) % classes
     calib_labels = (torch.arange(8) * 7 + 3) % classes
     clock: dict = {}
-    ref, ref_macs, ref_secs = run(model, labels, 0, clock)
+    ref, ref_macs, _ = run(model, labels, 0, clock)
+    dev_ref, dev_macs, _ = run(model, dev_labels, 1000, clock)
     grid = methods(model, lambda: sample(model, calib_labels, STEPS, GUIDANCE, seed=123), clock)
-    measured = []
-    for (method, setting), (apply, remove) in grid.items():
-        apply(model)
-        try:
-            out, macs, secs = run(model, labels, 0, clock)
-        finally:
-            remove(model)
-        measured.append({"method": method, "setting": setting, "macs_saved": 1 - macs / ref_macs,
-                         "psnr_db": psnr(out, ref), "ssim": ssim(out, ref)})
-        print(json.dumps(measured[-1]), flush=True)
-    rows = []
+    dev = measure(model, grid, list(grid), dev_labels, 1000, dev_ref, dev_macs, clock, log="dev")
+    chosen = {}                                      # (method, target) -> the dev settings that bracket it
     for target in args.targets:
-        for method in dict.fromkeys(m["method"] for m in measured):
-            rows.append({"target_saving": target, "method": method,
-                         **at_saving([m for m in measured if m["method"] == method], target)})
-    speed = []    # wall clock at the middle target: median of interleaved (uncached, cached) timing pairs
-    mid = sorted(args.targets)[len(args.targets) // 2]
-    for method in dict.fromkeys(m["method"] for m in measured):
-        best = min(frontier([m for m in measured if m["method"] == method]), key=lambda m: abs(m["macs_saved"] - mid))
-        apply, remove = grid[(method, best["setting"])]
-        ratios = []
-        for _ in range(args.repeats):
-            base = run(model, labels, 0, clock)[2]
-            apply(model)
-            try:
-                ratios.append(base / run(model, labels, 0, clock)[2])
-            finally:
-                remove(model)
-        speed.append({"method": method, "setting": best["setting"], "macs_saved": best["macs_saved"],
-                      "psnr_db": best["psnr_db"], "cpu_speedup": statistics.median(ratios)})
-        print(json.dumps(speed[-1]), flush=True)
-    res = {"title": "ICC: PSNR to the uncached tiny DiT at matched MAC savings",
-           "command": "python benchmarks/dit_cache.py", "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-           "sections": {"Matched savings": {"note": f"{args.samples} samples, DDIM {STEPS} steps, CFG {GUIDANCE}; uncached: "
-                                            f"{ref_macs / 1e9:.1f} GMACs. PSNR and SSIM at exactly the target saving, "
-                                            "interpolated linearly between the two settings of the method's Pareto "
-                                            "front (saving vs PSNR) that bracket it; null where its grid does not "
-                                            "reach the target.", "rows": rows},
-                        "CPU wall clock": {"note": f"Per method, its Pareto setting nearest {mid:.0%} saved; speedup: median of "
-                                           f"{args.repeats} interleaved (uncached, cached) timings of the whole run "
-                                           f"(uncached: {ref_secs:.1f} s).", "rows": speed},
-                        "All settings": {"note": "Every setting measured.", "rows": measured}}}
+        for method in dict.fromkeys(m["method"] for m in dev):
+            chosen[method, target] = [(method, p["setting"]) for p in bracket([m for m in dev if m["method"] == method], target)]
+    keys = list(dict.fromkeys(k for ks in chosen.values() for k in ks))
+    evals = {(e["method"], e["setting"]): e for e in measure(model, grid, keys, labels, 0, ref, ref_macs, clock, log="eval")}
+    rows = [{"target_saving": target, "method": method, **interpolate([evals[k] for k in ks], target)}
+            for (method, target), ks in chosen.items()]
+    res = {"title": f"ICC: PSNR to the uncached tiny {type(model).__name__} at matched MAC savings",
+           "command": "python benchmarks/dit_cache.py " + " ".join(sys.argv[1:]),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+           "sections": {"Matched savings": {"note": f"{args.samples} evaluation samples (seed 0), DDIM {STEPS} steps, CFG "
+                                            f"{GUIDANCE}; uncached: {ref_macs / 1e9:.1f} GMACs. Per method and target, the "
+                                            "settings bracketing it on the dev Pareto front, run on the evaluation "
+                                            "samples and interpolated at the target; null where the grid does not "
+                                            "reach it.", "rows": rows},
+                        "Evaluated settings": {"note": "The chosen settings on the evaluation samples.",
+                                               "rows": list(evals.values())},
+                        "Dev grid": {"note": f"Every setting on {args.dev_samples} dev samples (seed 1000).", "rows": dev}}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

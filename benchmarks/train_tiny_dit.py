@@ -74,12 +74,13 @@ def build_model(num_classes: int, family: str = "dit"):
 
 def num_classes(model) -> int:
     """Real classes; the index after them is the null class of classifier-free guidance."""
-    return model.config.caption_channels - 1 if model.config.caption_channels else model.config.num_embeds_ada_norm
+    caption = model.config.get("caption_channels")
+    return caption - 1 if caption else model.config.num_embeds_ada_norm
 
 
 def denoise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The model's prediction for (B, 3, S, S) latents at timesteps t (B,), labels (B,) (null class allowed)."""
-    if model.config.caption_channels:                                     # PixArt: the class as a one-hot caption
+    if model.config.get("caption_channels"):                              # PixArt: the class as a one-hot caption
         caption = F.one_hot(labels, model.config.caption_channels).to(x.dtype)[:, None]     # (B, 1, C + 1)
         return model(x, encoder_hidden_states=caption, timestep=t,
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample

@@ -183,3 +183,24 @@ def test_config_round_trip_and_bad_input(tmp_path):
         calibrate(m, cfg)
     with pytest.raises(ICCError, match="another model: recalibrate"):
         apply_icc_cache(m, cfg, {k: (v[0][:, :2], v[1][:2]) for k, v in factors.items()} | {"x": factors[next(iter(factors))]})
+
+
+def test_cli_convert_icc_module_rrr(tmp_path, capsys):
+    import json
+
+    from conversion.cli import main
+    from hf_ext.dit_cache import load_icc_transformer
+
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    out = tmp_path / "icc"
+    assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--rank", "4", "--method", "rrr",
+                 "--granularity", "module", "--forecast", "1", "--warmup", "2", "--calib-steps", "8",
+                 "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 2 blocks x (attn1, ff); of 8 steps, 0 and 1 (warmup), 2, 4, 6 are full
+    assert r["layers"] == 4 and r["full_steps"] == 5 and r["steps"] == 8 and 0 < r["macs_saved"] < 1
+    model, cfg = load_icc_transformer(out)
+    assert (cfg.granularity, cfg.method, cfg.forecast, cfg.warmup) == ("module", "rrr", 1, 2)
+    assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--method", "svd", "--granularity", "module",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "use method='rrr'" in capsys.readouterr().err and not (tmp_path / "x").exists()
