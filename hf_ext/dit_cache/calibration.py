@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .config import ICCConfig, ICCError
-from .hooks import target_layers
+from .hooks import call_timestep, target_layers
 from .ops import ca_svd_factors, rrr_factors, svd_factors, taylor_forecast
 
 
@@ -116,11 +116,17 @@ def residual_stats(transformer, config: ICCConfig, run) -> dict:
     The run is exact; along it, ``config``'s schedule is simulated: at each step it would cache, a layer's
     input and output misses dx = x - x_f and dy = y - y_f against their forecasts from the steps it would
     have recomputed (``taylor_forecast``, order ``config.forecast``) are accumulated, rows over tokens and
-    batch. One transformer call is one step (CFG branches batched in one call, as DiT pipelines do).
+    batch. One transformer call is one step (CFG branches batched in one call, as DiT pipelines do); a
+    rising timestep starts a new run, so ``run()`` may sample several times.
     """
-    step, sums, hist, handles = [-1], {}, {}, []
+    step, last_t, sums, hist, handles = [-1], [None], {}, {}, []
 
     def count(module, args, kwargs):
+        t = call_timestep(args, kwargs)
+        if t is not None and last_t[0] is not None and t > last_t[0]:
+            step[0] = -1                                  # a new sampling run: timesteps only fall within one
+            hist.clear()
+        last_t[0] = t
         step[0] += 1
     handles.append(transformer.register_forward_pre_hook(count, with_kwargs=True))
     for name, layer in target_layers(transformer, config).items():

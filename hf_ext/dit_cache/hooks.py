@@ -39,6 +39,15 @@ class ICCState(BaseState):
     def reset(self):
         # macs: what the cached layers executed (linear targets), plus the corrections (module targets)
         self.step, self.full, self.cache, self.macs, self.full_steps = 0, True, {}, 0, 0
+        self.last_t = None
+
+
+def call_timestep(args, kwargs) -> float | None:
+    """The ``timestep`` a diffusers transformer call was given (its first element), or None."""
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if isinstance(t, torch.Tensor):
+        return float(t.flatten()[0]) if t.numel() else None
+    return float(t) if isinstance(t, (int, float)) else None
 
 
 def target_layers(transformer: torch.nn.Module, config: ICCConfig) -> dict[str, torch.nn.Module]:
@@ -66,6 +75,10 @@ class _StepHook(ModelHook):
         if self.states._context is None:  # not a CacheMixin model, or called outside cache_context
             self.states.set_context(CacheContext("default"))
         st = self.states.get_state()
+        t = call_timestep(args, kwargs)
+        if t is not None and st.last_t is not None and t > st.last_t:
+            st.reset()                 # timesteps only fall within a sampling run: this call starts a new one
+        st.last_t = t
         st.full = self.config.is_full(st.step) or not st.cache
         if self.config.threshold is not None and st.cache and st.step >= self.config.warmup:
             st.full = False  # decided by the first targeted layer (see _CacheHook)

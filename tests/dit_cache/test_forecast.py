@@ -204,3 +204,20 @@ def test_cli_convert_icc_module_rrr(tmp_path, capsys):
     assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--method", "svd", "--granularity", "module",
                  "--out", str(tmp_path / "x")]) == 2
     assert "use method='rrr'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@torch.no_grad()
+def test_a_new_sampling_run_starts_from_a_fresh_cache():
+    # diffusers resets hook state only for CacheMixin models; a rising timestep marks a new run for the rest
+    m = tiny_dit()
+    cfg = ICCConfig(rank=4, method="rrr", granularity="module", full_every=3, warmup=1, forecast=1)
+    stats = residual_stats(m, cfg, lambda: _calls(m))
+    twice = residual_stats(m, cfg, lambda: (_calls(m), _calls(m)))
+    # the second run adds the first run's sums again: equal up to reassociating 8 float64 terms (8 * 2^-53 of
+    # their scale); without the reset it would forecast from the first run's last steps, off by O(1)
+    for k in stats:
+        assert_close_rel(twice[k][0], 2 * stats[k][0], 1e-12)
+        assert_close_rel(twice[k][1], 2 * stats[k][1], 1e-12)
+    apply_icc_cache(m, cfg, compute_factors(m, cfg, stats))
+    first, second = _calls(m), _calls(m)
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and icc_state(m).step == 7
