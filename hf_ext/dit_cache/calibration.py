@@ -46,6 +46,15 @@ def ddim_trajectory(transformer, samples: int = 4, steps: int = 10, guidance: fl
     return x
 
 
+def _run_hooked(run, handles: list) -> None:
+    """``run()`` with the forward hooks in ``handles`` attached, removed afterwards whatever happens."""
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def compute_factors(transformer, config: ICCConfig, stats: dict | None = None, allow_full_rank: bool = False) -> dict:
     """``{layer name: (A, B)}`` for every cached layer. ``stats`` is needed for CA-SVD and CD-SVD (from
     ``channel_stats``; they share the weighted factorisation and differ only in what was measured) and for RRR
@@ -97,11 +106,7 @@ def channel_stats(transformer, config: ICCConfig, run, increments: bool = False)
             sums[name] = (sx + x.abs().flatten(0, -2).sum(0).float(), sy + y.abs().flatten(0, -2).sum(0).float(),
                           n + x[..., 0].numel())
         handles.append(lin.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(run, handles)
     if len(sums) < len(handles):
         raise ICCError("the calibration run did not reach every targeted layer" +
                        (" at least twice (CD-SVD needs consecutive steps)" if increments else "") +
@@ -122,7 +127,7 @@ def residual_stats(transformer, config: ICCConfig, run) -> dict:
     step, last_t, sums, hist, handles = [-1], [None], {}, {}, []
 
     def count(module, args, kwargs):
-        t = call_timestep(args, kwargs)
+        t = call_timestep(module, args, kwargs)
         if t is not None and last_t[0] is not None and t > last_t[0]:
             step[0] = -1                                  # a new sampling run: timesteps only fall within one
             hist.clear()
@@ -143,11 +148,7 @@ def residual_stats(transformer, config: ICCConfig, run) -> dict:
             xx, xy = sums.get(name, (0, 0))
             sums[name] = (xx + dx.T @ dx, xy + dx.T @ dy)                # (in, in), (in, out)
         handles.append(layer.register_forward_hook(hook))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(run, handles)
     if len(sums) < len(handles) - 1:
         raise ICCError("the calibration run reached no step its schedule would cache for some layers; make run() "
                        f"call the transformer for more steps than warmup={config.warmup} + full_every="

@@ -18,6 +18,8 @@ Example:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 
 import torch
@@ -42,9 +44,20 @@ class ICCState(BaseState):
         self.last_t = None
 
 
-def call_timestep(args, kwargs) -> float | None:
-    """The ``timestep`` a diffusers transformer call was given (its first element), or None."""
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+@functools.lru_cache(maxsize=None)
+def _timestep_position(cls) -> int | None:
+    """Where ``timestep`` sits among the positional arguments of ``cls.forward`` (after self), if anywhere."""
+    names = list(inspect.signature(cls.forward).parameters)[1:]
+    return names.index("timestep") if "timestep" in names else None
+
+
+def call_timestep(module, args, kwargs) -> float | None:
+    """The ``timestep`` a diffusers transformer call was given (its first element), or None. Positional
+    arguments are matched by the model's forward signature (DiT takes it second, PixArt and SD3 third)."""
+    t = kwargs.get("timestep")
+    if t is None:
+        i = _timestep_position(type(module))
+        t = args[i] if i is not None and i < len(args) else None
     if isinstance(t, torch.Tensor):
         return float(t.flatten()[0]) if t.numel() else None
     return float(t) if isinstance(t, (int, float)) else None
@@ -75,7 +88,7 @@ class _StepHook(ModelHook):
         if self.states._context is None:  # not a CacheMixin model, or called outside cache_context
             self.states.set_context(CacheContext("default"))
         st = self.states.get_state()
-        t = call_timestep(args, kwargs)
+        t = call_timestep(module, args, kwargs)
         if t is not None and st.last_t is not None and t > st.last_t:
             st.reset()                 # timesteps only fall within a sampling run: this call starts a new one
         st.last_t = t

@@ -221,3 +221,22 @@ def test_a_new_sampling_run_starts_from_a_fresh_cache():
     apply_icc_cache(m, cfg, compute_factors(m, cfg, stats))
     first, second = _calls(m), _calls(m)
     assert all(torch.equal(a, b) for a, b in zip(first, second)) and icc_state(m).step == 7
+
+
+@torch.no_grad()
+def test_a_new_run_is_seen_when_the_timestep_is_passed_positionally():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                 num_layers=2, sample_size=8, patch_size=2, cross_attention_dim=16,
+                                 caption_channels=4, norm_num_groups=1).eval()
+    caption = torch.ones(2, 1, 4)                                   # PixArt takes (hidden, caption, timestep, ...)
+    cond = {"resolution": None, "aspect_ratio": None}
+
+    def sampling_run():
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        return [m(x + 0.05 * t, caption, torch.tensor([900 - 100 * t] * 2), cond).sample for t in range(5)]
+    apply_icc_cache(m, ICCConfig(rank=1, method="reuse", granularity="module", full_every=2, forecast=1), {})
+    first, second = sampling_run(), sampling_run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second)) and icc_state(m).step == 5
