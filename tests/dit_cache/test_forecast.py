@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dit_tiny import dit_calls, tiny_dit
 from numerics import U32, assert_close_rel, gamma
 
 from hf_ext.dit_cache import (ICCConfig, ICCError, apply_icc_cache, calibrate, compute_factors, icc_state,
@@ -124,22 +125,8 @@ def test_rrr_against_lstsq_and_exact_recovery():
     assert_close_rel((B.T @ A.T).double(), M, 50 * U32)
 
 
-def tiny_dit():
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2).eval()
-
-
 def _calls(model, n=7, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    outs = []
-    for t in range(n):
-        x = x + 0.05 * torch.randn(2, 4, 8, 8, generator=g)              # a slowly changing latent
-        outs.append(model(x, timestep=torch.tensor([900 - 100 * t] * 2), class_labels=torch.tensor([1, 3])).sample)
-    return outs
+    return dit_calls(model, n, seed)
 
 
 @torch.no_grad()

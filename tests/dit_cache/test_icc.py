@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from hf_ext.dit_cache import ICCConfig, ICCError, apply_icc_cache, calibrate, icc_state, remove_icc_cache
 from hf_ext.dit_cache.ops import ca_svd_factors, icc_step, icc_step_naive, icc_step_projected, svd_factors
+from dit_tiny import dit_calls, tiny_dit
 from numerics import U32, assert_close_rel, gamma
 
 pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
@@ -122,20 +122,8 @@ def test_reuse_and_ops_against_naive():
     assert icc_step(x, xh, yh, None, None) is yh
 
 
-def tiny_dit():
-    torch.manual_seed(0)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, num_layers=2,
-                                 sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=2).eval()
-
-
 def _calls(model, n=4):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    outs = []
-    for t in range(n):
-        x = x + 0.05 * torch.randn(2, 4, 8, 8, generator=g)            # a slowly changing latent
-        outs.append(model(x, timestep=torch.tensor([900 - 100 * t] * 2), class_labels=torch.tensor([1, 3])).sample)
-    return outs
+    return dit_calls(model, n)
 
 
 @torch.no_grad()
