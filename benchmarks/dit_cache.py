@@ -102,23 +102,29 @@ def run(model, labels, seed, clock: dict, steps: int = STEPS, count: bool = True
     return out, macs.total if count else 0, secs
 
 
+# diffusers TaylorSeer's default patterns (re.fullmatch "^transformer_blocks.*attn") miss DiT's attn1 and ff
+TAYLORSEER_TARGETS = [r"transformer_blocks\.\d+\.(attn\d|ff)"]
+
+
+def strip(m) -> None:
+    """Remove every diffusers hook (TaylorSeer, FirstBlockCache, PAB) from ``m`` and its submodules."""
+    from diffusers.hooks.hooks import HookRegistry
+
+    reg = HookRegistry.check_if_exists_or_initialize(m)
+    for name in list(reg.hooks):
+        reg.remove_hook(name, recurse=True)
+    for sub in m.modules():
+        r = getattr(sub, "_diffusers_hook", None)
+        if r is not None:
+            for name in list(r.hooks):
+                r.remove_hook(name, recurse=False)
+
+
 def methods(model, calib_run, clock: dict):
     """(method, setting) -> (apply(model) -> None, remove(model) -> None) for each setting of each method's grid."""
     from diffusers.hooks import (FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
                                  apply_first_block_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache)
-    from diffusers.hooks.hooks import HookRegistry
-
     from hf_ext.dit_cache import channel_stats, compute_factors, residual_stats
-
-    def strip(m):
-        reg = HookRegistry.check_if_exists_or_initialize(m)
-        for name in list(reg.hooks):
-            reg.remove_hook(name, recurse=True)
-        for sub in m.modules():
-            r = getattr(sub, "_diffusers_hook", None)
-            if r is not None:
-                for name in list(r.hooks):
-                    r.remove_hook(name, recurse=False)
 
     def icc(cfg, f):
         return (lambda m: apply_icc_cache(m, cfg, f)), remove_icc_cache
@@ -157,9 +163,7 @@ def methods(model, calib_run, clock: dict):
             out[("TaylorSeer", f"order={order} interval={n} warmup={warm}")] = (
                 lambda m, n=n, warm=warm, order=order: apply_taylorseer_cache(m, TaylorSeerCacheConfig(
                     cache_interval=n, disable_cache_before_step=warm, max_order=order,
-                    taylor_factors_dtype=torch.float32,
-                    # its default patterns (re.fullmatch "^transformer_blocks.*attn") miss DiT's attn1 / ff
-                    cache_identifiers=[r"transformer_blocks\.\d+\.(attn\d|ff)"])), strip)
+                    taylor_factors_dtype=torch.float32, cache_identifiers=TAYLORSEER_TARGETS)), strip)
     for n in (2, 3, 4, 6):
         out[("PyramidAttentionBroadcast", f"skip={n}")] = (
             lambda m, n=n: apply_pyramid_attention_broadcast(m, PyramidAttentionBroadcastConfig(

@@ -25,7 +25,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from dit_cache import run  # noqa: E402
+from dit_cache import TAYLORSEER_TARGETS, run, strip  # noqa: E402
 
 from hf_ext.dit_cache import ICCConfig, apply_icc_cache, calibrate, remove_icc_cache  # noqa: E402
 
@@ -41,16 +41,6 @@ def dit_s2():
 def grids(model, calib_run):
     """method -> [(setting, apply, remove)]: the settings that span about 35-60% MACs saved."""
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
-    from diffusers.hooks.hooks import HookRegistry
-
-    def strip(m):
-        HookRegistry.check_if_exists_or_initialize(m)
-        for sub in m.modules():
-            reg = getattr(sub, "_diffusers_hook", None)
-            if reg is not None:
-                for name in list(reg.hooks):
-                    reg.remove_hook(name, recurse=False)
-
     def icc(cfg):
         f = calibrate(model, cfg, calib_run)
         return lambda m: apply_icc_cache(m, cfg, f)
@@ -58,7 +48,7 @@ def grids(model, calib_run):
     out = {"TaylorSeer": [], "ICC RRR modules + forecast": [], "ICC CA-SVD": [], "ICC CA-SVD + forecast": []}
     for n, warm in ((2, 2), (2, 4), (2, 8), (3, 4)):
         cfg = TaylorSeerCacheConfig(cache_interval=n, disable_cache_before_step=warm, taylor_factors_dtype=torch.float32,
-                                    cache_identifiers=[r"transformer_blocks\.\d+\.(attn\d|ff)"])
+                                    cache_identifiers=TAYLORSEER_TARGETS)
         out["TaylorSeer"].append((f"interval={n} warmup={warm}", lambda m, c=cfg: apply_taylorseer_cache(m, c), strip))
         cfg = ICCConfig(rank=8, method="rrr", granularity="module", full_every=n, warmup=warm, forecast=1)
         out["ICC RRR modules + forecast"].append((f"N={n} warmup={warm} r=8", icc(cfg), remove_icc_cache))
