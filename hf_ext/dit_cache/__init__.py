@@ -9,9 +9,10 @@ Example:
     >>> apply_icc_cache(transformer, cfg, calibrate(transformer, cfg))  # doctest: +SKIP
 """
 from .config import ICCConfig, ICCError
-from .calibration import calibrate, channel_stats, compute_factors, residual_stats
+from .calibration import calibrate, channel_stats, compute_factors, residual_stats, select_ridge
 from .hooks import apply_icc_cache, enable_cache, icc_state, remove_icc_cache
 from .io import load_factors, load_icc_transformer, save_factors
 
 __all__ = ["ICCConfig", "ICCError", "apply_icc_cache", "calibrate", "channel_stats", "compute_factors", "enable_cache",
-           "icc_state", "load_factors", "residual_stats", "load_icc_transformer", "remove_icc_cache", "save_factors"]
+           "icc_state", "load_factors", "residual_stats", "load_icc_transformer", "remove_icc_cache", "save_factors",
+           "select_ridge"]

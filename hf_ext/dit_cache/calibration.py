@@ -3,6 +3,7 @@
 - ``channel_stats``: mean |x| and |y| per channel (CA-SVD), or of step-to-step increments (CD-SVD);
 - ``residual_stats``: Gram sums of what the forecast misses under the config's schedule (RRR);
 - ``compute_factors`` / ``calibrate``: the (A, B) of every cached layer;
+- ``select_ridge``: RRR's ridge chosen closed-loop, on a development run other than the calibration run;
 - ``ddim_trajectory``: class-conditional DDIM sampling (DiT-style inputs: latents, timestep, class labels;
   classifier-free guidance batched) from seeded noise, the default calibration run.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .config import ICCConfig, ICCError
-from .hooks import call_timestep, target_layers
+from .hooks import apply_icc_cache, call_timestep, remove_icc_cache, target_layers
 from .ops import ca_svd_factors, rrr_factors, svd_factors, taylor_forecast
 
 
@@ -168,3 +169,50 @@ def calibrate(transformer, config: ICCConfig, run=None) -> dict:
     elif config.method == "rrr":
         stats = residual_stats(transformer, config, run)
     return compute_factors(transformer, config, stats)
+
+
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)   # a decade grid; rrr_factors' ridge is relative to the mean input energy
+
+
+@torch.no_grad()
+def select_ridge(transformer, config: ICCConfig, run, dev_run, ridges=RIDGES, progress: bool = False):
+    """RRR's ridge, chosen where it matters: closed loop, on ``dev_run()``, a sampling run other than ``run()``.
+
+    The fit sees what the forecast misses along the exact trajectory (open loop); applied, each correction
+    also sees the errors of the cached modules upstream, which a weakly regularised fit amplifies. So the
+    residual statistics are measured once on ``run()``, and for each ridge in ``ridges`` the cached
+    transformer samples ``dev_run()`` (which must return the final sample, e.g. ``ddim_trajectory``); the
+    ridge whose sample is closest (mean squared error) to the uncached one wins. Costs ``len(ridges) + 2``
+    sampling runs. Returns ``(config with the chosen ridge, its factors, {ridge: dev MSE})``.
+
+    Example:
+        >>> from functools import partial
+        >>> cfg = ICCConfig(rank=8, method="rrr", granularity="module", forecast=1, full_every=2, warmup=2)
+        >>> cfg, factors, scores = select_ridge(dit, cfg, partial(ddim_trajectory, dit, 4, 20, seed=0),
+        ...                                     partial(ddim_trajectory, dit, 4, 20, seed=1))  # doctest: +SKIP
+        >>> apply_icc_cache(dit, cfg, factors)  # doctest: +SKIP
+    """
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    if config.method != "rrr":
+        raise ICCError(f"select_ridge is for method='rrr', not {config.method!r}")
+    if not ridges or min(ridges) <= 0:
+        raise ICCError(f"ridges={ridges!r}; give one or more positive relative ridges, e.g. {RIDGES}")
+    stats = residual_stats(transformer, config, run)
+    ref = dev_run()
+    if not isinstance(ref, torch.Tensor):
+        raise ICCError("dev_run() must return the final sample as a tensor (as ddim_trajectory does)")
+    scores, best = {}, None
+    for ridge in tqdm(ridges, desc="ICC ridge", disable=not progress):
+        cfg = replace(config, ridge=float(ridge))
+        factors = compute_factors(transformer, cfg, stats)
+        apply_icc_cache(transformer, cfg, factors)
+        try:
+            scores[cfg.ridge] = float(((dev_run() - ref) ** 2).mean())
+        finally:
+            remove_icc_cache(transformer)
+        if best is None or scores[cfg.ridge] < scores[best[0].ridge]:
+            best = (cfg, factors)
+    return best[0], best[1], scores

@@ -8,7 +8,8 @@ from dit_tiny import dit_calls, tiny_dit
 from numerics import U32, assert_close_rel, gamma
 
 from hf_ext.dit_cache import (ICCConfig, ICCError, apply_icc_cache, calibrate, compute_factors, icc_state,
-                              load_factors, remove_icc_cache, residual_stats, save_factors)
+                              load_factors, remove_icc_cache, residual_stats, save_factors, select_ridge)
+from hf_ext.dit_cache.calibration import RIDGES
 from hf_ext.dit_cache.ops import rrr_factors, rrr_factors_naive, taylor_forecast, taylor_forecast_naive
 
 pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
@@ -182,15 +183,43 @@ def test_cli_convert_icc_module_rrr(tmp_path, capsys):
     out = tmp_path / "icc"
     assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--rank", "4", "--method", "rrr",
                  "--granularity", "module", "--forecast", "1", "--warmup", "2", "--calib-steps", "8",
-                 "--out", str(out), "--json"]) == 0
+                 "--dev-samples", "2", "--out", str(out), "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["ridge"] in RIDGES                                               # --ridge auto: chosen on the grid
     # 2 blocks x (attn1, ff); of 8 steps, 0 and 1 (warmup), 2, 4, 6 are full
     assert r["layers"] == 4 and r["full_steps"] == 5 and r["steps"] == 8 and 0 < r["macs_saved"] < 1
     model, cfg = load_icc_transformer(out)
-    assert (cfg.granularity, cfg.method, cfg.forecast, cfg.warmup) == ("module", "rrr", 1, 2)
+    assert (cfg.granularity, cfg.method, cfg.forecast, cfg.warmup, cfg.ridge) == ("module", "rrr", 1, 2, r["ridge"])
+    assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--method", "rrr", "--granularity", "module",
+                 "--ridge", "small", "--out", str(tmp_path / "x")]) == 2
+    assert "--ridge 'small'" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["convert", "icc", "--model", str(tmp_path / "dit"), "--method", "svd", "--granularity", "module",
                  "--out", str(tmp_path / "x")]) == 2
     assert "use method='rrr'" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@torch.no_grad()
+def test_select_ridge_keeps_the_ridge_closest_on_the_dev_run_and_leaves_the_model_bare():
+    m = tiny_dit()
+    cfg = ICCConfig(rank=2, method="rrr", granularity="module", full_every=3, warmup=1, forecast=1)
+    dev = lambda: _calls(m, seed=2)[-1]                                   # noqa: E731  (the final output)
+    ref = dev()
+    ridges = (1e-3, 1e-1, 10.0)
+    chosen, factors, scores = select_ridge(m, cfg, lambda: _calls(m), dev, ridges)
+    assert list(scores) == list(ridges) and chosen.ridge == min(scores, key=scores.get)
+    assert (chosen.rank, chosen.full_every, chosen.forecast) == (cfg.rank, cfg.full_every, cfg.forecast)
+    assert torch.equal(dev(), ref)                                        # every hook removed
+    again = compute_factors(m, chosen, residual_stats(m, cfg, lambda: _calls(m)))
+    assert all(torch.equal(factors[k][0], again[k][0]) and torch.equal(factors[k][1], again[k][1]) for k in again)
+    apply_icc_cache(m, chosen, factors)                                   # the score is this run's error
+    assert float(((dev() - ref) ** 2).mean()) == scores[chosen.ridge]
+    remove_icc_cache(m)
+    with pytest.raises(ICCError, match="not 'svd'"):
+        select_ridge(m, ICCConfig(rank=2, method="svd"), lambda: _calls(m), dev)
+    with pytest.raises(ICCError, match="positive relative ridges"):
+        select_ridge(m, cfg, lambda: _calls(m), dev, (0.0, 1.0))
+    with pytest.raises(ICCError, match="final sample as a tensor"):
+        select_ridge(m, cfg, lambda: _calls(m), lambda: _calls(m, seed=2))
 
 
 @torch.no_grad()
