@@ -14,11 +14,13 @@ Settings are chosen on a dev run, never on the evaluation samples: every setting
 on ``--dev-samples`` dev samples (seed 1000, other labels); per target saving, the two settings of the
 method's dev Pareto front (saving vs PSNR) that bracket it are then run on the ``--samples`` evaluation
 samples (seed 0), and the PSNR is interpolated between them at the target, by their measured savings.
-Calibration (CA-SVD, CD-SVD, RRR) uses a third run (seed 123, other labels). Wall clock: benchmarks/dit_cache_speed.py.
+Calibration (CA-SVD, CD-SVD, RRR) uses a third run (16 samples, seed 123, other labels); RRR's ridge is one more
+setting of its grid, chosen on dev like the rest (``hf_ext.dit_cache.select_ridge``'s rule). Wall clock: benchmarks/dit_cache_speed.py.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -125,6 +127,7 @@ def methods(model, calib_run, clock: dict):
     from diffusers.hooks import (FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig,
                                  apply_first_block_cache, apply_pyramid_attention_broadcast, apply_taylorseer_cache)
     from hf_ext.dit_cache import channel_stats, compute_factors, residual_stats
+    from hf_ext.dit_cache.calibration import RIDGES
 
     def icc(cfg, f):
         return (lambda m: apply_icc_cache(m, cfg, f)), remove_icc_cache
@@ -151,9 +154,9 @@ def methods(model, calib_run, clock: dict):
             base = ICCConfig(rank=max(RANKS), method="rrr", granularity="module", full_every=n, warmup=warm,
                              forecast=order)
             res = residual_stats(model, base, calib_run)
-            for r in (4, 8, 16):
-                cfg = ICCConfig(**{**base.__dict__, "rank": r})
-                out[("ICC RRR modules + forecast", f"order={order} N={n} warmup={warm} r={r}")] = icc(
+            for r, ridge in itertools.product((4, 8, 16), RIDGES):    # the ridge is chosen on dev, as select_ridge does
+                cfg = ICCConfig(**{**base.__dict__, "rank": r, "ridge": ridge})
+                out[("ICC RRR modules + forecast", f"order={order} N={n} warmup={warm} r={r} ridge={ridge:g}")] = icc(
                     cfg, compute_factors(model, cfg, res))
     for th in (0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.2, 0.4):
         out[("FirstBlockCache", f"threshold={th}")] = (
@@ -210,7 +213,7 @@ def main():
     model = load(args.model)
     classes = num_classes(model)
     labels, dev_labels = torch.arange(args.samples) % classes, (torch.arange(args.dev_samples) * 5 + 2) % classes
-    calib_labels = (torch.arange(8) * 7 + 3) % classes
+    calib_labels = (torch.arange(16) * 7 + 3) % classes
     clock: dict = {}
     ref, ref_macs, _ = run(model, labels, 0, clock)
     dev_ref, dev_macs, _ = run(model, dev_labels, 1000, clock)
