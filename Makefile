@@ -27,13 +27,14 @@ install: $(VENV)/.installed apt
 demo: install
 	$(HFEXT) convert mla --model smollm2-135m --format deepseek_v3 --distill-tokens 8192 --out $(DEMO_OUT) --overwrite --json
 
-# The whole suite, with every offline asset unreadable to tests not marked `real` (tests/conftest.py); then the
+# The docs site, then the whole suite, with every offline asset unreadable to tests not marked `real` (tests/conftest.py); then the
 # numerics-sensitive tests again under the other SIMD kernels of this CPU (AVX512 -> AVX2, AVX2 -> none) and MKL's
 # most conservative code path (MKL_CBWR=COMPATIBLE), so a
 # tolerance that only one machine's rounding meets fails here too (tests/numerics.py).
 OTHER_CAPABILITY = $(PY) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')"
 
 test: install
+	site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build -q --strict --site-dir $$site && rm -rf $$site   # no warning
 	HF_EXT_TEST_WITHOUT_ASSETS=1 $(PY) -m pytest -q -p no:cacheprovider tests
 	cap=$$($(OTHER_CAPABILITY)) && echo "numerics tests under ATEN_CPU_CAPABILITY=$$cap MKL_CBWR=COMPATIBLE" && \
 	  ATEN_CPU_CAPABILITY=$$cap MKL_CBWR=COMPATIBLE $(PY) -m pytest -q -p no:cacheprovider -m numerics tests
