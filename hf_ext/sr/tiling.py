@@ -91,3 +91,41 @@ def open_images(image):
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e}); give a PNG, JPEG or other image file") from None
+
+
+# ------------------------------------------------------------------ TSD-SR's latent tiling (tsdsr.py)
+def tsdsr_tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """TSD-SR's tile offsets along one latent axis of length ``n`` (test_tsdsr.py ``tile_sample``): steps of
+    ``tile - overlap``, counted until a tile reaches the end, the last one snapped to ``n - tile``."""
+    count, reach = 0, 0
+    while reach < n:
+        reach = max(count * (tile - overlap), 0) + tile
+        count += 1
+    return [i * (tile - overlap) for i in range(count - 1)] + [n - tile]
+
+
+def tsdsr_tile_weights(tile: int, var: float = 0.01) -> torch.Tensor:
+    """(tile, tile) Gaussian blending weights of TSD-SR, in coordinates normalised by the tile: σ = √var · tile.
+    As in the original, the width's centre is (tile - 1) / 2 and the height's tile / 2."""
+    def gauss(mid: float) -> torch.Tensor:
+        x = torch.arange(tile, dtype=torch.float64)
+        return torch.exp(-((x - mid) / tile) ** 2 / (2 * var)) / (2 * torch.pi * var) ** 0.5
+    return torch.outer(gauss(tile / 2), gauss((tile - 1) / 2))                      # (rows, cols)
+
+
+def tsdsr_tiled(fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int = 64,
+                overlap: int = 8) -> torch.Tensor:
+    """``fn`` (B, C, h, w) -> same shape, applied on overlapping square latent tiles and blended with
+    ``tsdsr_tile_weights`` (float32 sums); a latent of area <= tile² runs whole, as in TSD-SR."""
+    h, w = z.shape[-2:]
+    if h * w <= tile * tile:
+        return fn(z)
+    t = min(tile, h, w)
+    weight = tsdsr_tile_weights(t).to(z.device, torch.float32)                          # (t, t)
+    out = torch.zeros(z.shape, device=z.device, dtype=torch.float32)
+    total = torch.zeros(z.shape[-2:], device=z.device, dtype=torch.float32)
+    for y in tsdsr_tile_starts(h, t, overlap):
+        for x in tsdsr_tile_starts(w, t, overlap):
+            out[..., y:y + t, x:x + t] += fn(z[..., y:y + t, x:x + t]).float() * weight
+            total[y:y + t, x:x + t] += weight
+    return (out / total).to(z.dtype)

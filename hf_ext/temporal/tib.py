@@ -1,6 +1,6 @@
 """The Temporal Information Block (TIB) of a diffusers denoiser: the modules whose outputs depend only on t.
 
-Paper: TFMQ-DM, "Temporal Feature Matters: A Framework for Diffusion Model Quantization" (CVPR 2024),
+Paper: TFMQ-DM, "Temporal Feature Maintenance Quantization for Diffusion Models" (Huang et al., CVPR 2024),
 https://arxiv.org/abs/2311.16503. The TIB is everything between the time step and the per-block
 modulation: the sinusoidal projection, the time-embedding MLP and every block's time projection.
 
