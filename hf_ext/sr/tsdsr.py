@@ -20,6 +20,10 @@ The math is the official test script's (test/test_tsdsr.py):
 4. D(z0 / scaling_factor), clamped, to [0, 1], resized to exactly ``upscale`` x the LR if it was adjusted;
 5. colour fix: wavelet (low frequencies of the bicubic LR; the default) or AdaIN (statistics of the LR).
 
+``onestep_from_sd3`` turns that transformer (LoRA merged, prompt fixed) into hf-ext's
+``OneStepSRTransformer2DModel``, the same function of the latent, on which TinySR's tools run (``precache``,
+``keep_blocks``, the depth search).
+
 Example:
     >>> pipe = TSDSRPipeline.from_tsdsr("sd3-medium", "checkpoint/tsdsr", "dataset/default")  # doctest: +SKIP
     >>> pipe("low_res.png").images[0].save("x4.png")                                         # doctest: +SKIP
@@ -166,3 +170,37 @@ class TSDSRPipeline(DiffusionPipeline):
         sr = sr.clamp(0, 1).float()
         images = sr if output_type == "pt" else self.image_processor.postprocess(sr, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+@torch.no_grad()
+def onestep_from_sd3(transformer: SD3Transformer2DModel, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
+                     timestep: float = TIMESTEP):
+    """``OneStepSRTransformer2DModel`` computing ``transformer(z, timestep, prompt, pooled)`` for every latent z:
+    LoRAs merged (peft's ``merge``, on a copy), the fixed prompt and pooled embeddings stored as its parameters,
+    SD3's ``norm_out.linear`` as its ``norm_out_modulation``. TinySR's compression then works on it."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from .modeling_onestep_sr import OneStepSRTransformer2DModel
+
+    cfg = transformer.config
+    if cfg.qk_norm or cfg.dual_attention_layers or cfg.caption_projection_dim != cfg.num_attention_heads * cfg.attention_head_dim \
+            or cfg.out_channels not in (None, cfg.in_channels):
+        raise TSDSRError("onestep_from_sd3 takes SD3(-medium)-style transformers: no qk_norm or dual attention (SD3.5), "
+                         "caption_projection_dim = inner dim, out_channels = in_channels")
+    src = copy.deepcopy(transformer)
+    for m in src.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()                                                   # W + B A, into the base layer
+    sd = {k.replace(".base_layer.", "."): v for k, v in src.state_dict().items() if ".lora_" not in k}
+    sd["norm_out_modulation.weight"], sd["norm_out_modulation.bias"] = sd.pop("norm_out.linear.weight"), sd.pop("norm_out.linear.bias")
+    prompt = prompt_embeds.reshape(1, -1, prompt_embeds.shape[-1])
+    out = OneStepSRTransformer2DModel(in_channels=cfg.in_channels, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
+                                      num_attention_heads=cfg.num_attention_heads, attention_head_dim=cfg.attention_head_dim,
+                                      joint_attention_dim=cfg.joint_attention_dim, pooled_projection_dim=cfg.pooled_projection_dim,
+                                      prompt_length=prompt.shape[1], pos_embed_max_size=cfg.pos_embed_max_size,
+                                      timestep=float(timestep))
+    sd.update(prompt_embeds=prompt, pooled_projections=pooled_prompt_embeds.reshape(1, -1), block_mask=out.block_mask)
+    out.load_state_dict(sd)                                             # strict: every weight accounted for
+    return out.to(transformer.device, transformer.dtype).eval()

@@ -9,7 +9,9 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipe
 
 from hf_ext.sr.ops import wavelet_split_naive
 from hf_ext.sr.tiling import tsdsr_tile_starts, tsdsr_tile_weights, tsdsr_tiled
-from hf_ext.sr.tsdsr import TRANSFORMER_TARGETS, VAE_TARGETS, TSDSRError, TSDSRPipeline, load_tsdsr_lora
+from hf_ext.sr.modeling_onestep_sr import keep_blocks, precache
+from hf_ext.sr.tsdsr import (TRANSFORMER_TARGETS, VAE_TARGETS, TSDSRError, TSDSRPipeline, load_tsdsr_lora,
+                              onestep_from_sd3)
 
 pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
 
@@ -142,3 +144,23 @@ def test_sd3_medium_shapes_fit_on_the_meta_device():
     vae_shapes = {n: tuple(p.shape) for n, p in vae.named_parameters() if ".lora_" in n}
     assert len(vae_shapes) == 2 * 31 and not any(n.startswith("decoder") for n in vae_shapes)   # quant_conv: none
     assert vae_shapes["encoder.conv_in.lora_B.default.weight"] == (128, 64, 1, 1)
+
+
+@torch.no_grad()
+def test_tinysr_tools_run_on_the_converted_sd3_transformer(tmp_path):
+    root = write_release(tmp_path)
+    pipe = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds")
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(5))
+    want = pipe.velocity(z)
+    one = onestep_from_sd3(pipe.transformer, pipe.prompt_embeds, pipe.pooled_prompt_embeds)
+    # the same sums with each LoRA merged into its weight (W + B A rounded once, vs W x + B (A x)): float32
+    # reassociation through 2 blocks, a few ulps of outputs of size ~1
+    assert (one(z) - want).abs().max() < 1e-5
+    assert torch.equal(precache(one)(z), one(z))                            # pre-caching: bit-identical
+    assert torch.equal(keep_blocks(one, [0, 1])(z), one(z))                 # all-ones masks: nothing changes
+    assert keep_blocks(one, [1]).config.num_layers == 1                      # depth pruning made real
+    with pytest.raises(TSDSRError, match="no qk_norm or dual attention"):
+        onestep_from_sd3(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
+                                               caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
+                                               qk_norm="rms_norm"), pipe.prompt_embeds, pipe.pooled_prompt_embeds)
