@@ -28,6 +28,9 @@ from .ops import adain_color_fix, wavelet_color_fix
 from .tiling import open_images, progress_enabled, tiled_upscale
 
 COLOR_FIXES = {"wavelet": wavelet_color_fix, "adain": adain_color_fix, None: None}
+# how latents are made and read: hf-ext's (posterior mode, shift and scale) or TSD-SR's released weights'
+# (posterior sample, scale only, decoder output clamped), see tsdsr.py
+LATENT_MATH = ("hf-ext", "tsdsr")
 HERE = Path(__file__).parent
 
 
@@ -53,9 +56,12 @@ class OneStepSRPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "vae->transformer->vae"
 
-    def __init__(self, vae: AutoencoderKL, transformer: OneStepSRTransformer2DModel):
+    def __init__(self, vae: AutoencoderKL, transformer: OneStepSRTransformer2DModel, latent_math: str = "hf-ext"):
         super().__init__()
+        if latent_math not in LATENT_MATH:
+            raise ValueError(f"latent_math={latent_math!r}; use one of {LATENT_MATH}")
         self.register_modules(vae=vae, transformer=transformer)
+        self.register_to_config(latent_math=latent_math)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=False)   # [-1, 1] tensors
 
@@ -85,44 +91,52 @@ class OneStepSRPipeline(DiffusionPipeline):
                     raise ValueError(f"{folder}/model_index.json names {index.get(name)} for '{name}'; this "
                                      f"pipeline loads {sorted(classes)}")
                 components[name] = klass.from_pretrained(folder / name, torch_dtype=torch_dtype or torch.float32)
-        return cls(**components)
+        return cls(**components, latent_math=index.get("latent_math", "hf-ext"))
 
     def save_pretrained(self, save_directory, **kwargs):
         """``DiffusionPipeline.save_pretrained``, plus the code to load it without hf-ext (``add_remote_code``)."""
         super().save_pretrained(save_directory, **kwargs)
         add_remote_code(save_directory)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scaled latent (B, C, H/f, W/f)."""
-        z = self.vae.encode(x).latent_dist.mode()
-        return (z - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+        post, cfg = self.vae.encode(x).latent_dist, self.vae.config
+        if self.config.latent_math == "tsdsr":
+            return post.sample(generator) * cfg.scaling_factor
+        return (post.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        return self.vae.decode(z).sample
+        cfg = self.vae.config
+        if self.config.latent_math == "tsdsr":
+            return self.vae.decode(z / cfg.scaling_factor).sample.clamp(-1, 1)
+        return self.vae.decode(z / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample
 
     def step(self, z_lr: torch.Tensor) -> torch.Tensor:
         """z_hr = z_lr - sigma * v(z_lr), the one step."""
         return z_lr - self.transformer.config.timestep / 1000 * self.transformer(z_lr)
 
-    def upscale_tile(self, lr: torch.Tensor, upscale: int) -> torch.Tensor:
+    def upscale_tile(self, lr: torch.Tensor, upscale: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """LR (B, 3, h, w) in [-1, 1] -> SR (B, 3, s*h, s*w), padded inside to the latent grid."""
         h, w = lr.shape[-2:]
         m = self.vae_scale_factor * self.transformer.config.patch_size
         H, W = math.ceil(upscale * h / m) * m, math.ceil(upscale * w / m) * m
         up = F.interpolate(lr, scale_factor=upscale, mode="bicubic", align_corners=False)
         up = F.pad(up, (0, W - up.shape[-1], 0, H - up.shape[-2]), mode="replicate")
-        return self.decode(self.step(self.encode(up)))[..., :upscale * h, :upscale * w]
+        if self.config.latent_math == "tsdsr":
+            up = up.clamp(-1, 1)                                   # TSD-SR clamps bicubic's overshoot
+        return self.decode(self.step(self.encode(up, generator)))[..., :upscale * h, :upscale * w]
 
     @torch.no_grad()
     def __call__(self, image, upscale: int = 4, tile: int = 64, tile_overlap: int = 8,
-                 color_fix: str | None = "wavelet", output_type: str = "pil", return_dict: bool = True):
+                 color_fix: str | None = "wavelet", output_type: str = "pil", return_dict: bool = True,
+                 generator: torch.Generator | None = None):
         """Super-resolve ``image`` (a file path, PIL, numpy HWC in [0, 1], tensor BCHW in [0, 1], or a list) by
         ``upscale``, one of the transformer's ``trained_upscales``.
 
         ``tile`` and ``tile_overlap`` are in LR pixels and bound the memory (a tile is capped at what the
         transformer's positional embedding covers); ``color_fix`` takes colours
-        from the bicubic upsampled input (``"wavelet"``, ``"adain"`` or None).
+        from the bicubic upsampled input (``"wavelet"``, ``"adain"`` or None); ``generator`` seeds the VAE
+        posterior sample where ``latent_math="tsdsr"`` draws one.
         """
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"color_fix={color_fix!r}; use one of {list(COLOR_FIXES)}")
@@ -140,7 +154,7 @@ class OneStepSRPipeline(DiffusionPipeline):
                              f"{-(-patch // upscale)} px per side")
         reach = self.transformer.config.pos_embed_max_size * patch // upscale      # LR px the pos-embedding covers
         tile = min(tile, reach)
-        sr = tiled_upscale(lambda t: self.upscale_tile(t, upscale), lr, upscale, tile, min(tile_overlap, tile // 4),
+        sr = tiled_upscale(lambda t: self.upscale_tile(t, upscale, generator), lr, upscale, tile, min(tile_overlap, tile // 4),
                            progress=progress_enabled(self))
         if color_fix is not None:
             ref = F.interpolate(lr, scale_factor=upscale, mode="bicubic", align_corners=False)

@@ -129,6 +129,21 @@ class TSDSRPipeline(DiffusionPipeline):
         prompt, pooled = load_tsdsr_embeddings(embeds_dir, transformer)
         return cls(vae, transformer, prompt.to(dtype), pooled.to(dtype))
 
+    def to_onestep(self):
+        """This model as a ``OneStepSRPipeline`` (``latent_math="tsdsr"``): LoRAs merged, a plain ``AutoencoderKL``
+        and ``onestep_from_sd3``'s transformer, which saves with ``save_pretrained`` (remote code included) and
+        which TinySR's tools compress. Its LR tiles are blended in pixels, and small images are not raised to
+        ``process_size``: on an image of one latent tile and >= process_size / upscale px it gives this
+        pipeline's output."""
+        from .pipeline_onestep_sr import OneStepSRPipeline
+
+        vae = AutoencoderKL.from_config(self.vae.config)
+        vae.load_state_dict(merged_state_dict(self.vae))
+        one = onestep_from_sd3(self.transformer, self.prompt_embeds, self.pooled_prompt_embeds)
+        vae = vae.to(self.vae.device)
+        vae = vae if vae.dtype == self.vae.dtype else vae.to(dtype=self.vae.dtype)
+        return OneStepSRPipeline(vae=vae.eval(), transformer=one, latent_math="tsdsr")
+
     def velocity(self, z: torch.Tensor) -> torch.Tensor:
         """v(z) (B, C, h, w) at t = 1000 with the fixed prompt, one transformer call."""
         B, dev, dt = z.shape[0], z.device, z.dtype
@@ -173,15 +188,26 @@ class TSDSRPipeline(DiffusionPipeline):
 
 
 @torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every peft LoRA merged into its base layer (W + B A; on a copy) and the
+    adapter keys gone: the weights of the plain model."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    src = copy.deepcopy(model)
+    for m in src.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+    return {k.replace(".base_layer.", "."): v for k, v in src.state_dict().items() if ".lora_" not in k}
+
+
+@torch.no_grad()
 def onestep_from_sd3(transformer: SD3Transformer2DModel, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor,
                      timestep: float = TIMESTEP):
     """``OneStepSRTransformer2DModel`` computing ``transformer(z, timestep, prompt, pooled)`` for every latent z:
     LoRAs merged (peft's ``merge``, on a copy), the fixed prompt and pooled embeddings stored as its parameters,
     SD3's ``norm_out.linear`` as its ``norm_out_modulation``. TinySR's compression then works on it."""
-    import copy
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     from .modeling_onestep_sr import OneStepSRTransformer2DModel
 
     cfg = transformer.config
@@ -189,11 +215,7 @@ def onestep_from_sd3(transformer: SD3Transformer2DModel, prompt_embeds: torch.Te
             or cfg.out_channels not in (None, cfg.in_channels):
         raise TSDSRError("onestep_from_sd3 takes SD3(-medium)-style transformers: no qk_norm or dual attention (SD3.5), "
                          "caption_projection_dim = inner dim, out_channels = in_channels")
-    src = copy.deepcopy(transformer)
-    for m in src.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge()                                                   # W + B A, into the base layer
-    sd = {k.replace(".base_layer.", "."): v for k, v in src.state_dict().items() if ".lora_" not in k}
+    sd = merged_state_dict(transformer)
     sd["norm_out_modulation.weight"], sd["norm_out_modulation.bias"] = sd.pop("norm_out.linear.weight"), sd.pop("norm_out.linear.bias")
     prompt = prompt_embeds.reshape(1, -1, prompt_embeds.shape[-1])
     out = OneStepSRTransformer2DModel(in_channels=cfg.in_channels, patch_size=cfg.patch_size, num_layers=cfg.num_layers,
@@ -203,4 +225,5 @@ def onestep_from_sd3(transformer: SD3Transformer2DModel, prompt_embeds: torch.Te
                                       timestep=float(timestep))
     sd.update(prompt_embeds=prompt, pooled_projections=pooled_prompt_embeds.reshape(1, -1), block_mask=out.block_mask)
     out.load_state_dict(sd)                                             # strict: every weight accounted for
-    return out.to(transformer.device, transformer.dtype).eval()
+    out = out.to(transformer.device)
+    return (out if out.dtype == transformer.dtype else out.to(dtype=transformer.dtype)).eval()

@@ -164,3 +164,22 @@ def test_tinysr_tools_run_on_the_converted_sd3_transformer(tmp_path):
                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=12,
                                                caption_projection_dim=16, pooled_projection_dim=6, out_channels=4,
                                                qk_norm="rms_norm"), pipe.prompt_embeds, pipe.pooled_prompt_embeds)
+
+
+@torch.no_grad()
+def test_a_saved_onestep_pipeline_of_the_release_keeps_tsdsr_math(tmp_path):
+    from hf_ext.sr import OneStepSRPipeline
+
+    root = write_release(tmp_path)
+    pipe = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds")
+    pipe.to_onestep().save_pretrained(tmp_path / "onestep")
+    again = OneStepSRPipeline.from_pretrained(tmp_path / "onestep")
+    again.set_progress_bar_config(disable=True)
+    assert again.config.latent_math == "tsdsr"
+    lr = torch.rand(1, 3, 8, 12, generator=torch.Generator().manual_seed(3))
+    kw = dict(upscale=4, output_type="pt")
+    want = pipe(lr, process_size=32, generator=torch.Generator().manual_seed(4), **kw).images
+    got = again(lr, generator=torch.Generator().manual_seed(4), **kw).images
+    # merged LoRAs (W + B A rounded once) and the colour fix done in [-1, 1] instead of [0, 1]: float32 rounding
+    # of values ~1 through ~40 layers, as in the tests above
+    assert (got - want).abs().max() < 1e-5
