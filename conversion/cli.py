@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (commands, convert_export, convert_icc, convert_mla, convert_moe, convert_tfmq, convert_tinysr, data_cmd, finetune_meft,
+from . import (commands, convert_export, convert_icc, convert_mla, convert_moe, convert_tfmq, convert_tinysr, convert_tsdsr, data_cmd, finetune_meft,
                hooks_cmd, myopic_cmd)
 
-CONVERTERS = [convert_mla, convert_export, convert_icc, convert_tfmq, convert_moe, convert_tinysr]
+CONVERTERS = [convert_mla, convert_export, convert_icc, convert_tfmq, convert_moe, convert_tinysr, convert_tsdsr]
 FINETUNERS = [finetune_meft]
 
 

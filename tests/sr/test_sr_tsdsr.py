@@ -183,3 +183,22 @@ def test_a_saved_onestep_pipeline_of_the_release_keeps_tsdsr_math(tmp_path):
     # merged LoRAs (W + B A rounded once) and the colour fix done in [-1, 1] instead of [0, 1]: float32 rounding
     # of values ~1 through ~40 layers, as in the tests above
     assert (got - want).abs().max() < 1e-5
+
+
+def test_cli_convert_tsdsr_writes_a_folder_that_loads(tmp_path, capsys):
+    import json
+
+    from conversion.cli import main
+    from hf_ext.sr import OneStepSRPipeline
+
+    root = write_release(tmp_path)
+    args = ["convert", "tsdsr", "--base", str(root / "base"), "--lora", str(root / "lora"), "--embeds", str(root / "embeds")]
+    assert main([*args, "--precache", "--out", str(tmp_path / "out"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["precached"] and r["max_abs_diff_vs_tsdsr"] < 1e-5           # as in the tests above
+    pipe = OneStepSRPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.config.latent_math == "tsdsr" and pipe.transformer.config.precached
+    assert "stable-diffusion-3-medium" in (tmp_path / "out/README.md").read_text()
+    (root / "embeds/prompt_embeds.pt").unlink()
+    assert main([*args, "--out", str(tmp_path / "bad")]) == 2
+    assert "prompt_embeds.pt" in capsys.readouterr().err and not (tmp_path / "bad").exists()
