@@ -58,7 +58,7 @@ def prune_student(teacher: OneStepSRPipeline, keep: list[int], vae_width: int, s
     ``vae_width``, without attention, with SepConv convs (``sepconv``). ``teacher`` is left untouched."""
     vae = remove_attention(prune_vae_channels(teacher.vae, vae_width))
     return OneStepSRPipeline(vae=to_sepconv_vae(vae) if sepconv else vae,
-                             transformer=keep_blocks(teacher.transformer, keep))
+                             transformer=keep_blocks(teacher.transformer, keep), latent_math=teacher.config.latent_math)
 
 
 def check_config(teacher, c: TinySRConfig) -> int:
@@ -72,6 +72,9 @@ def check_config(teacher, c: TinySRConfig) -> int:
                          f"multiple of {groups} between {groups} and {n}")
     if c.degrade not in DEGRADATIONS:
         raise BadConfigError(f"degrade={c.degrade!r}: use one of {DEGRADATIONS}")
+    if teacher.config.latent_math != "hf-ext":
+        raise BadConfigError(f"the teacher uses latent_math={teacher.config.latent_math!r}; TinySR's distillation "
+                             "makes its training latents with hf-ext's (posterior mode, shift): not supported yet")
     if teacher.transformer.config.precached:
         raise BadConfigError("the teacher is already pre-cached; give the uncached teacher (its AdaLN layers train)")
     try:
@@ -101,13 +104,15 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     searched = copy.deepcopy(teacher.transformer).requires_grad_(True)
     search = DepthSearchConfig(group_size=c.group_size, keep=per_group, steps=c.search_steps, lr=c.lr)
     keep, gates, search_log = search_depth(_OneStep(searched, sigma), latent_pairs(), search, progress)
-    student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched), keep, c.vae_width, c.sepconv)
+    student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched, latent_math=teacher.config.latent_math),
+                            keep, c.vae_width, c.sepconv)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
     batches = sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade)
     distill_log = distill(student, teacher, batches, c.distill_steps, lr=c.lr, output_weight=c.output_weight,
                           progress=progress)
-    student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval())
+    student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval(),
+                                latent_math=student.config.latent_math)
     return student, {"config": asdict(c), "keep": keep, "search_final_loss": search_log["final_loss"],
                      "distill_final_loss": distill_log["final_loss"], "distill_loss_every_50": distill_log["loss_every_50"]}
 

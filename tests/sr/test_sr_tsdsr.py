@@ -202,3 +202,18 @@ def test_cli_convert_tsdsr_writes_a_folder_that_loads(tmp_path, capsys):
     (root / "embeds/prompt_embeds.pt").unlink()
     assert main([*args, "--out", str(tmp_path / "bad")]) == 2
     assert "prompt_embeds.pt" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@torch.no_grad()
+def test_prune_student_keeps_tsdsr_math_and_compression_refuses_it_for_now(tmp_path):
+    from hf_ext.errors import BadConfigError
+    from hf_ext.sr import TinySRConfig, compress_tinysr, prune_student
+
+    root = write_release(tmp_path)
+    one = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds").to_onestep()
+    student = prune_student(one, [1], vae_width=2)            # depth-pruned transformer, channel-pruned SepConv VAE
+    assert student.config.latent_math == "tsdsr" and student.transformer.config.num_layers == 1
+    student.set_progress_bar_config(disable=True)
+    assert student(torch.rand(1, 3, 8, 8), upscale=4, output_type="pt").images.shape == (1, 3, 32, 32)
+    with pytest.raises(BadConfigError, match="latent_math='tsdsr'"):
+        compress_tinysr(one, TinySRConfig(keep_blocks=1, vae_width=2, group_size=2))
