@@ -38,7 +38,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SD3
 from diffusers.image_processor import VaeImageProcessor
 
 from ..errors import HfExtError
-from .ops import adain_color_fix, wavelet_color_fix
+from .pipeline_onestep_sr import COLOR_FIXES, OneStepSRPipeline
 from .tiling import open_images, tsdsr_tiled
 
 # LoraConfig targets, verbatim from TSD-SR (test_tsdsr.py / train.py)
@@ -135,8 +135,6 @@ class TSDSRPipeline(DiffusionPipeline):
         which TinySR's tools compress. Its LR tiles are blended in pixels, and small images are not raised to
         ``process_size``: on an image of one latent tile and >= process_size / upscale px it gives this
         pipeline's output."""
-        from .pipeline_onestep_sr import OneStepSRPipeline
-
         vae = AutoencoderKL.from_config(self.vae.config)
         vae.load_state_dict(merged_state_dict(self.vae))
         one = onestep_from_sd3(self.transformer, self.prompt_embeds, self.pooled_prompt_embeds)
@@ -160,8 +158,8 @@ class TSDSRPipeline(DiffusionPipeline):
         ``latent_tile`` / ``latent_overlap`` (latent pixels) bound the transformer's memory; ``generator`` seeds
         the VAE posterior sample; ``color_fix`` is "wavelet" (TSD-SR's default), "adain" or None.
         """
-        if color_fix not in ("wavelet", "adain", None):
-            raise ValueError(f"color_fix={color_fix!r}; use 'wavelet', 'adain' or None")
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix={color_fix!r}; use one of {list(COLOR_FIXES)}")
         if int(upscale) != upscale or upscale < 1:
             raise ValueError(f"upscale={upscale}; give a whole factor >= 1")
         vae, dt = self.vae, self.vae.dtype
@@ -178,10 +176,9 @@ class TSDSRPipeline(DiffusionPipeline):
         sr = vae.decode(z0 / vae.config.scaling_factor).sample.clamp(-1, 1) / 2 + 0.5         # (B, 3, H, W)
         if (H, W) != (upscale * h, upscale * w):
             sr = F.interpolate(sr, size=(upscale * h, upscale * w), mode="bicubic", align_corners=False)
-        if color_fix == "wavelet":
-            sr = wavelet_color_fix(sr, F.interpolate(lr, size=sr.shape[-2:], mode="bicubic", align_corners=False))
-        elif color_fix == "adain":
-            sr = adain_color_fix(sr, lr)
+        if color_fix is not None:        # wavelet: the bicubic LR's low frequencies; AdaIN: the LR's statistics
+            ref = lr if color_fix == "adain" else F.interpolate(lr, size=sr.shape[-2:], mode="bicubic", align_corners=False)
+            sr = COLOR_FIXES[color_fix](sr, ref)
         sr = sr.clamp(0, 1).float()
         images = sr if output_type == "pt" else self.image_processor.postprocess(sr, output_type=output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
