@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output-weight", type=float, default=1.0,
                    help="distillation weight of the student's whole path vs the teacher's image (default 1)")
     p.add_argument("--no-sepconv", action="store_true", help="keep the VAE's dense convs")
+    p.add_argument("--drop-text-stream", action="store_true",
+                   help="remove the transformer's prompt tokens before distilling (TinySR's TinySD3 transformer)")
     p.add_argument("--continue-from", metavar="DIR", help="a saved student: only distil it --distill-steps more")
     add_output_args(p)
     add_json_arg(p)
@@ -43,7 +45,8 @@ def run(args) -> None:
     config = TinySRConfig(keep_blocks=args.keep_blocks, vae_width=args.vae_width, group_size=args.group_size,
                           search_steps=args.search_steps, distill_steps=args.distill_steps,
                           batch_size=args.batch_size, crop=args.crop, lr=args.lr, sepconv=not args.no_sepconv,
-                          degrade=args.degrade, output_weight=args.output_weight)
+                          degrade=args.degrade, output_weight=args.output_weight,
+                          drop_text_stream=args.drop_text_stream)
     if args.continue_from:
         student, log = continue_distillation(OneStepSRPipeline.from_pretrained(args.continue_from), teacher, config)
         log["keep"] = json.loads(Path(args.continue_from, "hf_ext_report.json").read_text()).get("keep") \

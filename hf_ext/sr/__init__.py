@@ -8,7 +8,7 @@ Example:
     >>> pipe = RealESRGANPipeline(load_upscaler("realesrgan-x4plus"))   # doctest: +SKIP
     >>> big = pipe(image, tile=256).images[0]                            # doctest: +SKIP
 """
-from .modeling_onestep_sr import OneStepSRTransformer2DModel, keep_blocks, precache
+from .modeling_onestep_sr import OneStepSRTransformer2DModel, drop_text_stream, keep_blocks, precache
 from .modeling_sepconv_vae import SepConv2d, SepConvAutoencoderKL
 from .ncnn import NcnnError, read_ncnn
 from .ops import adain_color_fix, wavelet_color_fix
@@ -24,6 +24,6 @@ from .vae_pruning import prune_vae_channels
 
 __all__ = ["BlockGates", "DepthSearchConfig", "NcnnError", "OneStepSRPipeline", "OneStepSRTransformer2DModel",
            "RRDBNet", "RealESRGANPipeline", "SRVGGNetCompact", "SepConv2d", "SepConvAutoencoderKL", "TSDSRError", "TSDSRPipeline", "TinySRConfig",
-           "adain_color_fix", "compress_tinysr", "from_ncnn", "keep_blocks", "load_tsdsr_lora", "load_upscaler", "precache",
+           "adain_color_fix", "compress_tinysr", "drop_text_stream", "from_ncnn", "keep_blocks", "load_tsdsr_lora", "load_upscaler", "precache",
            "prune_student", "prune_vae_channels", "read_ncnn", "remove_attention", "replace_with_sepconv",
            "search_depth", "tiled_upscale", "to_sepconv_vae", "upscaler_folder", "wavelet_color_fix"]

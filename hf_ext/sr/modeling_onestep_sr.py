@@ -14,6 +14,11 @@ Two TinySR ideas live here:
 - **Depth masks**: x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i on both streams. ``block_mask`` (a buffer,
   all ones) or a per-call mask (the differentiable search in ``pruning.py``); ``keep_blocks`` then builds a
   model that really has fewer blocks.
+- **Text-stream removal** (``text_stream=False``, made by ``drop_text_stream``): TinySR's
+  ``TinySD3Transformer2DModel`` drops the prompt tokens and their weights; each block is then an
+  ``ImageStreamBlock`` (the image half of SD3's joint block: self-attention over the image tokens) and the
+  pooled embedding reaches the blocks only through the AdaLN modulation. This changes the function (the
+  image no longer attends to the prompt), so the student is distilled afterwards.
 
 Example:
     >>> model = OneStepSRTransformer2DModel(num_layers=2, num_attention_heads=2, attention_head_dim=16)
@@ -28,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.attention import FeedForward, JointTransformerBlock
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
+from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 
@@ -44,6 +51,25 @@ class CachedOutput(nn.Module):
         return self.value
 
 
+class ImageStreamBlock(nn.Module):
+    """The image half of diffusers' ``JointTransformerBlock`` (same submodule names, so its weights load as they
+    are): AdaLN-Zero, self-attention over the image tokens only, and the gated MLP."""
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int):
+        super().__init__()
+        self.norm1 = AdaLayerNormZero(dim)
+        self.attn = Attention(query_dim=dim, dim_head=attention_head_dim, heads=num_attention_heads, out_dim=dim,
+                              bias=True, processor=JointAttnProcessor2_0(), eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:    # (B, N, D), (1, D)
+        x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
+        hidden_states = hidden_states + gate_msa[:, None] * self.attn(x)
+        x = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return hidden_states + gate_mlp[:, None] * self.ff(x)
+
+
 class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
     """MMDiT over the LR latent (B, C, h, w) -> velocity (B, C, h, w), with a fixed learned prompt."""
 
@@ -52,7 +78,7 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
                  attention_head_dim: int = 32, joint_attention_dim: int = 64, pooled_projection_dim: int = 64,
                  prompt_length: int = 4, pos_embed_max_size: int = 64, timestep: float = 999.0,
                  precached: bool = False, context_pre_only_last: bool = True,
-                 trained_upscales: tuple[int, ...] | None = None):
+                 trained_upscales: tuple[int, ...] | None = None, text_stream: bool = True):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
         self.pos_embed = PatchEmbed(pos_embed_max_size, pos_embed_max_size, patch_size, in_channels, dim,
@@ -60,35 +86,41 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
         self.transformer_blocks = nn.ModuleList([
             JointTransformerBlock(dim, num_attention_heads, attention_head_dim,
                                   context_pre_only=context_pre_only_last and i == num_layers - 1)
+            if text_stream else ImageStreamBlock(dim, num_attention_heads, attention_head_dim)
             for i in range(num_layers)])
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * in_channels)
         self.register_buffer("block_mask", torch.ones(num_layers))                    # m_i, 1 = keep
         if precached:                                     # what the fixed prompt and timestep always give
             self.register_buffer("temb", torch.zeros(1, dim))                         # (1, D)
-            self.register_buffer("context", torch.zeros(1, prompt_length, dim))        # (1, L, D)
+            if text_stream:
+                self.register_buffer("context", torch.zeros(1, prompt_length, dim))    # (1, L, D)
             self.register_buffer("out_modulation", torch.zeros(1, 2 * dim))          # (1, 2D): scale, shift
             for block in self.transformer_blocks:                                     # AdaLN(-Zero) modulations
-                for norm in (block.norm1, block.norm1_context):
-                    norm.linear = CachedOutput(norm.linear.out_features)
+                for norm in (block.norm1, getattr(block, "norm1_context", None)):
+                    if norm is not None:
+                        norm.linear = CachedOutput(norm.linear.out_features)
         else:
-            self.prompt_embeds = nn.Parameter(torch.randn(1, prompt_length, joint_attention_dim) * 0.02)
+            if text_stream:
+                self.prompt_embeds = nn.Parameter(torch.randn(1, prompt_length, joint_attention_dim) * 0.02)
+                self.context_embedder = nn.Linear(joint_attention_dim, dim)
             self.pooled_projections = nn.Parameter(torch.zeros(1, pooled_projection_dim))
             self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim)
-            self.context_embedder = nn.Linear(joint_attention_dim, dim)
             self.norm_out_modulation = nn.Linear(dim, 2 * dim)
 
     def conditioning(self, batch: int):
-        """(temb (1, D), context (B, L, D), out_modulation (1, 2D)) for the fixed prompt and timestep; the
-        modulations broadcast over the batch, so they are computed on one row in either path."""
+        """(temb (1, D), context (B, L, D) or None without a text stream, out_modulation (1, 2D)) for the fixed
+        prompt and timestep; the modulations broadcast over the batch, so they are computed on one row in either
+        path."""
+        text = self.config.text_stream
         if self.config.precached:
-            temb, ctx, mod = self.temb, self.context, self.out_modulation
+            temb, ctx, mod = self.temb, self.context if text else None, self.out_modulation
         else:
             t = torch.full((1,), self.config.timestep, device=self.device, dtype=self.dtype)
             temb = self.time_text_embed(t, self.pooled_projections)
-            ctx = self.context_embedder(self.prompt_embeds)
+            ctx = self.context_embedder(self.prompt_embeds) if text else None
             mod = self.norm_out_modulation(F.silu(temb))
-        return temb, ctx.expand(batch, -1, -1), mod
+        return temb, None if ctx is None else ctx.expand(batch, -1, -1), mod
 
     def forward(self, hidden_states: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = hidden_states.shape
@@ -97,6 +129,9 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
         x = self.pos_embed(hidden_states)                                              # (B, N, D)
         masks = self.block_mask if block_mask is None else block_mask
         for m, block in zip(masks, self.transformer_blocks):
+            if ctx is None:                                                            # no text stream
+                x = m * block(x, temb) + (1 - m) * x
+                continue
             ctx_new, x_new = block(hidden_states=x, encoder_hidden_states=ctx, temb=temb)
             x = m * x_new + (1 - m) * x                                                # m = 1: exactly x_new
             if ctx_new is not None:
@@ -114,9 +149,9 @@ def precache(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
         return copy.deepcopy(model)
     temb, ctx, mod = model.conditioning(1)
     out = _from_config(model, precached=True)
-    cached = {"temb": temb, "context": ctx, "out_modulation": mod}
+    cached = {"temb": temb, "out_modulation": mod, **({} if ctx is None else {"context": ctx})}
     for i, block in enumerate(model.transformer_blocks):
-        for name in ("norm1", "norm1_context"):
+        for name in ("norm1", "norm1_context")[:1 + model.config.text_stream]:
             cached[f"transformer_blocks.{i}.{name}.linear.value"] = getattr(block, name).linear(F.silu(temb))
     state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
     out.load_state_dict({**state, **cached})
@@ -141,6 +176,23 @@ def keep_blocks(model: OneStepSRTransformer2DModel, keep: list[int]) -> OneStepS
         state[k] = v
     state["block_mask"] = model.block_mask[keep].clone()
     out.load_state_dict(state)
+    return out.train(model.training)
+
+
+@torch.no_grad()
+def drop_text_stream(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
+    """A copy without the prompt tokens (TinySR's ``TinySD3Transformer2DModel``): the prompt embeddings, the
+    context embedder and every block's context half (``norm1_context``, ``add_{q,k,v}_proj``, ``to_add_out``,
+    ``norm2_context``, ``ff_context``) are removed; the image half keeps its weights. It computes what ``model``
+    would with a prompt of no tokens, a different function from ``model``'s, so distil it afterwards
+    (``compress_tinysr(..., TinySRConfig(drop_text_stream=True))`` does)."""
+    if not model.config.text_stream:
+        return copy.deepcopy(model)
+    if model.config.precached:
+        raise ValueError("drop the text stream before pre-caching: the cached modulations come from the kept weights")
+    out = _from_config(model, text_stream=False)
+    wanted = out.state_dict()
+    out.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted})   # strict: all kept
     return out.train(model.training)
 
 

@@ -34,6 +34,18 @@ LATENT_MATH = ("hf-ext", "tsdsr")
 HERE = Path(__file__).parent
 
 
+def scale_latents(z: torch.Tensor, vae_config, latent_math: str = "hf-ext") -> torch.Tensor:
+    """VAE latent -> the transformer's latent: (z - shift) * scale, or z * scale for TSD-SR's weights (no shift)."""
+    shift = 0.0 if latent_math == "tsdsr" else (vae_config.shift_factor or 0.0)
+    return (z - shift) * vae_config.scaling_factor
+
+
+def unscale_latents(z: torch.Tensor, vae_config, latent_math: str = "hf-ext") -> torch.Tensor:
+    """The inverse of ``scale_latents``: what the VAE decodes."""
+    shift = 0.0 if latent_math == "tsdsr" else (vae_config.shift_factor or 0.0)
+    return z / vae_config.scaling_factor + shift
+
+
 def add_remote_code(folder: str | Path) -> None:
     """Make a saved pipeline folder load where hf-ext is not installed: copy this file and the files it imports
     beside ``model_index.json`` and each custom component's modeling file into its folder, and name them there
@@ -100,16 +112,13 @@ class OneStepSRPipeline(DiffusionPipeline):
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image (B, 3, H, W) in [-1, 1] -> scaled latent (B, C, H/f, W/f)."""
-        post, cfg = self.vae.encode(x).latent_dist, self.vae.config
-        if self.config.latent_math == "tsdsr":
-            return post.sample(generator) * cfg.scaling_factor
-        return (post.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+        post, math = self.vae.encode(x).latent_dist, self.config.latent_math
+        return scale_latents(post.sample(generator) if math == "tsdsr" else post.mode(), self.vae.config, math)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        cfg = self.vae.config
-        if self.config.latent_math == "tsdsr":
-            return self.vae.decode(z / cfg.scaling_factor).sample.clamp(-1, 1)
-        return self.vae.decode(z / cfg.scaling_factor + (cfg.shift_factor or 0.0)).sample
+        """Scaled latent -> image (B, 3, H, W) in [-1, 1] (clamped for TSD-SR's weights, as it does)."""
+        x = self.vae.decode(unscale_latents(z, self.vae.config, self.config.latent_math)).sample
+        return x.clamp(-1, 1) if self.config.latent_math == "tsdsr" else x
 
     def step(self, z_lr: torch.Tensor) -> torch.Tensor:
         """z_hr = z_lr - sigma * v(z_lr), the one step."""

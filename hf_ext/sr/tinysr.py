@@ -4,9 +4,11 @@ Steps, each a tested pure function or a training loop through accelerate:
 1. **Depth search** (``pruning.search_depth``): a copy of the teacher's transformer trains under sampled block
    masks (Dynamic Inter-block Activation + Expansion-Corrosion) to reproduce the teacher's one-step latents;
    the most likely mask names the ``keep_blocks`` blocks that survive.
-2. **Prune** (``prune_student``): ``keep_blocks`` makes the transformer really shorter; the VAE is channel-pruned
+2. **Prune** (``prune_student``): ``keep_blocks`` makes the transformer really shorter, and
+   ``drop_text_stream`` (with ``drop_text_stream=True``) removes its prompt tokens; the VAE is channel-pruned
    by importance to ``vae_width``, its attention removed and its k x k convs made SepConv. The latent space is
-   the teacher's, so the teacher's latents stay valid targets.
+   the teacher's, so the teacher's latents stay valid targets. Works on a converted TSD-SR teacher
+   (``TSDSRPipeline.to_onestep()``), whose latent math the student keeps.
 3. **Distil** (``training.distill``): the student's one step learns the teacher's latents, its decoder the
    teacher's images, on the train photos. The teacher labels every input, so the LR can come from any
    degradation; the default mixes the Real-ESRGAN-style one with clean bicubic downscaling, so that the student
@@ -28,7 +30,7 @@ import torch
 
 from ..errors import BadConfigError
 from .data import DEGRADATIONS, sr_batches
-from .modeling_onestep_sr import keep_blocks, precache
+from .modeling_onestep_sr import drop_text_stream, keep_blocks, precache
 from .pipeline_onestep_sr import OneStepSRPipeline
 from .pruning import DepthSearchConfig, search_depth
 from .training import distill, latents
@@ -48,17 +50,22 @@ class TinySRConfig:
     lr: float = 5e-4
     sepconv: bool = True
     output_weight: float = 1.0          # distillation: weight of the student's whole path vs the teacher's image
+    drop_text_stream: bool = False      # remove the prompt tokens before distilling (TinySR's TinySD3 transformer)
     degrade: str = "mixed"              # training LR: "realistic", "bicubic" or "mixed" (teacher-labelled, so any)
     seed: int = 0
 
 
 @torch.no_grad()
-def prune_student(teacher: OneStepSRPipeline, keep: list[int], vae_width: int, sepconv: bool = True) -> OneStepSRPipeline:
-    """The student before distillation: the transformer's blocks ``keep`` only, and the VAE channel-pruned to
-    ``vae_width``, without attention, with SepConv convs (``sepconv``). ``teacher`` is left untouched."""
+def prune_student(teacher: OneStepSRPipeline, keep: list[int], vae_width: int, sepconv: bool = True,
+                  text_stream: bool = True) -> OneStepSRPipeline:
+    """The student before distillation: the transformer's blocks ``keep`` only (and without its prompt tokens
+    unless ``text_stream``), and the VAE channel-pruned to ``vae_width``, without attention, with SepConv convs
+    (``sepconv``). ``teacher`` is left untouched."""
     vae = remove_attention(prune_vae_channels(teacher.vae, vae_width))
+    transformer = keep_blocks(teacher.transformer, keep)
     return OneStepSRPipeline(vae=to_sepconv_vae(vae) if sepconv else vae,
-                             transformer=keep_blocks(teacher.transformer, keep), latent_math=teacher.config.latent_math)
+                             transformer=transformer if text_stream else drop_text_stream(transformer),
+                             latent_math=teacher.config.latent_math)
 
 
 def check_config(teacher, c: TinySRConfig) -> int:
@@ -72,9 +79,6 @@ def check_config(teacher, c: TinySRConfig) -> int:
                          f"multiple of {groups} between {groups} and {n}")
     if c.degrade not in DEGRADATIONS:
         raise BadConfigError(f"degrade={c.degrade!r}: use one of {DEGRADATIONS}")
-    if teacher.config.latent_math != "hf-ext":
-        raise BadConfigError(f"the teacher uses latent_math={teacher.config.latent_math!r}; TinySR's distillation "
-                             "makes its training latents with hf-ext's (posterior mode, shift): not supported yet")
     if teacher.transformer.config.precached:
         raise BadConfigError("the teacher is already pre-cached; give the uncached teacher (its AdaLN layers train)")
     try:
@@ -97,7 +101,7 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     def latent_pairs():                                              # (z_lr, the teacher's one-step latent)
         for up, _, _ in sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed, degrade=c.degrade):
             with torch.no_grad():                                    # (not around the yield: it would leak)
-                z = latents(teacher.vae, up.to(teacher.device))
+                z = latents(teacher.vae, up.to(teacher.device), teacher.config.latent_math)
                 target = z - sigma * teacher.transformer(z)
             yield z, target
 
@@ -105,7 +109,7 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
     search = DepthSearchConfig(group_size=c.group_size, keep=per_group, steps=c.search_steps, lr=c.lr)
     keep, gates, search_log = search_depth(_OneStep(searched, sigma), latent_pairs(), search, progress)
     student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched, latent_math=teacher.config.latent_math),
-                            keep, c.vae_width, c.sepconv)
+                            keep, c.vae_width, c.sepconv, text_stream=not c.drop_text_stream)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
     batches = sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade)

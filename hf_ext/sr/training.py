@@ -18,6 +18,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .pipeline_onestep_sr import scale_latents, unscale_latents
+
 
 def fit(model: torch.nn.Module, loss_fn: Callable, batches: Iterator, steps: int, lr: float, desc: str,
         progress: bool = True, warmup: int = 100) -> dict:
@@ -63,14 +65,15 @@ def train_vae(vae, images: Iterator[torch.Tensor], steps: int, lr: float = 1e-3,
     return fit(vae, lambda m, x: vae_loss(m, x.to(vae.device)), images, steps, lr, "SR VAE", progress)
 
 
-def latents(vae, x: torch.Tensor) -> torch.Tensor:
-    """The scaled latent (mode) of x in [-1, 1], as ``OneStepSRPipeline.encode`` computes it."""
-    z = vae.encode(x).latent_dist.mode()
-    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+def latents(vae, x: torch.Tensor, latent_math: str = "hf-ext") -> torch.Tensor:
+    """The scaled latent of x in [-1, 1] from the posterior mode. ``OneStepSRPipeline.encode`` computes the same
+    for hf-ext's math; for TSD-SR's, which samples at inference, training uses the sample's mean, so that the
+    teacher's and the student's encoders (whose posteriors differ) are compared without noise."""
+    return scale_latents(vae.encode(x).latent_dist.mode(), vae.config, latent_math)
 
 
 def train_onestep(transformer, vae, batches: Iterator, steps: int, lr: float = 5e-4, pixel_weight: float = 0.0,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, latent_math: str = "hf-ext") -> dict:
     """Train ``transformer`` so that z_lr - sigma * v(z_lr) = z_hr, with ``vae`` frozen; ``batches`` yield
     (lr_up, hr, scale) in [-1, 1] (``hf_ext.sr.data.sr_batches``). With ``pixel_weight`` the decoded step is also
     held to the HR image (L1 through the frozen decoder): the latent loss alone does not follow pixel error."""
@@ -81,12 +84,11 @@ def train_onestep(transformer, vae, batches: Iterator, steps: int, lr: float = 5
         up, hr, _ = batch
         hr = hr.to(vae.device)
         with torch.no_grad():
-            z_lr, z_hr = latents(vae, up.to(vae.device)), latents(vae, hr)
+            z_lr, z_hr = latents(vae, up.to(vae.device), latent_math), latents(vae, hr, latent_math)
         z = z_lr - sigma * model(z_lr)
         loss = F.l1_loss(z, z_hr)
         if pixel_weight:
-            z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            loss = loss + pixel_weight * F.l1_loss(vae.decode(z).sample, hr)
+            loss = loss + pixel_weight * F.l1_loss(vae.decode(unscale_latents(z, vae.config, latent_math)).sample, hr)
         return loss
 
     return fit(transformer, loss_fn, batches, steps, lr, "SR one-step transformer", progress)
@@ -103,16 +105,19 @@ def distill(student, teacher, batches: Iterator, steps: int, lr: float = 2e-4, p
     teacher.vae.requires_grad_(False).eval()
     sigma = teacher.transformer.config.timestep / 1000
     parts = torch.nn.ModuleDict({"vae": student.vae, "transformer": student.transformer})
+    math = teacher.config.latent_math
+    if student.config.latent_math != math:
+        raise ValueError(f"the student's latent_math={student.config.latent_math!r} differs from the teacher's {math!r}")
 
     def loss_fn(model, batch):
         up = batch[0].to(teacher.device)
         with torch.no_grad():
-            z_t = latents(teacher.vae, up)
+            z_t = latents(teacher.vae, up, math)
             z_t = z_t - sigma * teacher.transformer(z_t)
             img_t = teacher.decode(z_t)
         vae = model["vae"]
-        unscale = lambda z: z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)  # noqa: E731
-        z_s = latents(vae, up)
+        unscale = lambda z: unscale_latents(z, vae.config, math)                               # noqa: E731
+        z_s = latents(vae, up, math)
         z_s = z_s - sigma * model["transformer"](z_s)
         loss = F.l1_loss(z_s, z_t)
         if pixel_weight:

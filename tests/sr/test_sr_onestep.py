@@ -6,7 +6,7 @@ import torch
 from diffusers import AutoencoderKL
 from numerics import OPS_FP64_ATOL, U32, assert_round_trip, float64_copy, gamma
 
-from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, keep_blocks, precache
+from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, drop_text_stream, keep_blocks, precache
 from hf_ext.sr.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
 from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
 
@@ -62,6 +62,33 @@ def test_depth_masks_equal_a_model_with_fewer_blocks(tmp_path):
     assert_round_trip(loaded, small, lambda m: m(x.double()))
     with pytest.raises(ValueError, match="increasing block indices"):
         keep_blocks(model, [2, 1])
+
+
+@torch.no_grad()
+def test_dropping_the_text_stream_equals_a_prompt_of_no_tokens(tmp_path):
+    model = tiny_transformer(4)
+    x = torch.randn(2, 4, 6, 10)
+    text_free = drop_text_stream(model)
+    names = "".join(text_free.state_dict())
+    assert not any(n in names for n in ("prompt_embeds", "context_embedder", "add_q_proj", "to_add_out", "ff_context",
+                                        "norm1_context"))
+    assert sum(p.numel() for p in text_free.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+    # the same model fed a prompt of no tokens: SD3's joint attention over the image tokens and none more
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}   # (_use_default_values would win)
+    no_prompt = OneStepSRTransformer2DModel.from_config({**config, "prompt_length": 0}).eval()
+    no_prompt.load_state_dict({k: v for k, v in model.state_dict().items() if k != "prompt_embeds"}, strict=False)
+    # bit for bit: concatenating no tokens and splitting them off again leaves the same values and shapes, so
+    # both run the same computation (tests/numerics.py, kind 1)
+    assert torch.equal(text_free(x), no_prompt(x))
+    assert not torch.allclose(text_free(x), model(x), atol=1e-3)          # it is lossy: the prompt is gone
+    assert torch.equal(precache(text_free)(x), text_free(x))              # pre-caching: bit-identical, as above
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert torch.equal(keep_blocks(text_free, [0, 2, 3])(x), text_free(x, block_mask=mask))
+    cached = precache(keep_blocks(text_free, [0, 2, 3]))
+    cached.save_pretrained(tmp_path)
+    assert_round_trip(OneStepSRTransformer2DModel.from_pretrained(tmp_path).eval(), cached, lambda m: m(x.double()))
+    with pytest.raises(ValueError, match="before pre-caching"):
+        drop_text_stream(precache(model))
 
 
 def test_colour_fixes_restore_the_reference_colours():

@@ -37,30 +37,65 @@ def tiny_teacher(scales=(2, 4)):
 
 
 @torch.no_grad()
-def test_channel_pruning_is_exact_when_the_dropped_channels_carry_nothing():
-    vae = tiny_vae()
+def kill_every_other_group(vae) -> None:
+    """Zero every second group (or attention channel) of every channel space the pruning sees, in place."""
     spaces = channel_spaces(vae)
-    covered = set(spaces.uses)
-    assert {n for n, _ in vae.named_parameters()} - covered == {      # only latent- and image-side tensors
-        "encoder.conv_out.bias", "decoder.conv_out.bias", "quant_conv.weight", "quant_conv.bias",
-        "post_quant_conv.weight", "post_quant_conv.bias"}
     params = dict(vae.named_parameters())
-    for name, uses in spaces.uses.items():                            # kill every other group (or channel)
+    for name, uses in spaces.uses.items():
         for dim, s in uses:
             if dim == 0:
                 n, g = spaces.sizes[s], spaces.groups[s]
                 unit = torch.arange(n) // (n // g) if g else torch.arange(n)
-                params[name].index_fill_(0, torch.nonzero(unit % 2 == 1).flatten(), 0.0)
+                params[name].data.index_fill_(0, torch.nonzero(unit % 2 == 1).flatten(), 0.0)
+
+
+def sd3_like_vae():
+    """SD3's VAE layout at a tiny width: four blocks of two ResNets, 16 latent channels, no quant convs, a shift."""
+    torch.manual_seed(3)
+    return AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16,
+                         norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                         shift_factor=0.0609).eval()
+
+
+@pytest.mark.parametrize("make, latent_side", [(tiny_vae, {"quant_conv.weight", "quant_conv.bias",
+                                                             "post_quant_conv.weight", "post_quant_conv.bias"}),
+                                               (sd3_like_vae, set())])
+def test_channel_pruning_is_exact_when_the_dropped_channels_carry_nothing(make, latent_side):
+    vae = make()
+    covered = set(channel_spaces(vae).uses)
+    assert {n for n, _ in vae.named_parameters()} - covered == {      # only latent- and image-side tensors
+        "encoder.conv_out.bias", "decoder.conv_out.bias", *latent_side}
+    with torch.no_grad():
+        kill_every_other_group(vae)
     vae = float64_copy(vae)            # float64, so that rescaling q by sqrt(16 / 32) below rounds at U64, not U32
-    small = prune_vae_channels(vae, 8)
-    assert small.config.block_out_channels == (8, 16) and small.config.norm_num_groups == 4
+    width = vae.config.block_out_channels[0] // 2
+    small = prune_vae_channels(vae, width)
+    assert small.config.block_out_channels == tuple(c // 2 for c in vae.config.block_out_channels)
+    assert small.config.norm_num_groups == vae.config.norm_num_groups // 2
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     # equal in exact arithmetic (a dead group's GroupNorm gives 0 * ... + 0 = 0, zero inputs add 0, and the mid
     # attention's q is rescaled to keep q.k / sqrt(d)); the two widths differ in summation order and that one
     # rescaling, which move float64 outputs by ~n U64 of their scale (the round-trip bound, tests/numerics.py);
     # leaving q unscaled (a defect of the pruning) already fails it
-    assert_close_rel(small(x).sample, vae(x).sample, ROUND_TRIP_RTOL64)
+    with torch.no_grad():
+        assert_close_rel(small(x).sample, vae(x).sample, ROUND_TRIP_RTOL64)
     assert sum(p.numel() for p in small.parameters()) < 0.3 * sum(p.numel() for p in vae.parameters())
+
+
+@torch.no_grad()
+def test_the_compressed_vae_keeps_sd3s_16_channel_latent_space(tmp_path):
+    vae = sd3_like_vae()
+    small = to_sepconv_vae(remove_attention(prune_vae_channels(vae, 4)))
+    cfg = small.config
+    assert (cfg.block_out_channels, cfg.latent_channels, cfg.use_quant_conv) == ((4, 8, 8, 8), 16, False)
+    assert (cfg.scaling_factor, cfg.shift_factor) == (1.5305, 0.0609)                 # the teacher's latent space
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    assert small.encode(x).latent_dist.mode().shape == vae.encode(x).latent_dist.mode().shape == (1, 16, 4, 6)
+    assert small(x).sample.shape == x.shape
+    assert sum(p.numel() for p in small.parameters()) < 0.15 * sum(p.numel() for p in vae.parameters())
+    small.save_pretrained(tmp_path)
+    assert_round_trip(SepConvAutoencoderKL.from_pretrained(tmp_path), small, lambda m: m(x.double()).sample)
 
 
 def test_channel_pruning_refuses_bad_widths_and_models():

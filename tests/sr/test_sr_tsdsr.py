@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
+from numerics import ROUND_TRIP_RTOL64, assert_close_rel
+
 from hf_ext.sr.ops import wavelet_split_naive
 from hf_ext.sr.tiling import tsdsr_tile_starts, tsdsr_tile_weights, tsdsr_tiled
 from hf_ext.sr.modeling_onestep_sr import keep_blocks, precache
@@ -205,15 +207,57 @@ def test_cli_convert_tsdsr_writes_a_folder_that_loads(tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_prune_student_keeps_tsdsr_math_and_compression_refuses_it_for_now(tmp_path):
-    from hf_ext.errors import BadConfigError
-    from hf_ext.sr import TinySRConfig, compress_tinysr, prune_student
+def test_prune_student_keeps_tsdsr_math(tmp_path):
+    from hf_ext.sr import prune_student
 
     root = write_release(tmp_path)
     one = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds").to_onestep()
-    student = prune_student(one, [1], vae_width=2)            # depth-pruned transformer, channel-pruned SepConv VAE
+    student = prune_student(one, [1], vae_width=2, text_stream=False)   # one block, no prompt, pruned SepConv VAE
     assert student.config.latent_math == "tsdsr" and student.transformer.config.num_layers == 1
+    assert not student.transformer.config.text_stream
     student.set_progress_bar_config(disable=True)
     assert student(torch.rand(1, 3, 8, 8), upscale=4, output_type="pt").images.shape == (1, 3, 32, 32)
-    with pytest.raises(BadConfigError, match="latent_math='tsdsr'"):
-        compress_tinysr(one, TinySRConfig(keep_blocks=1, vae_width=2, group_size=2))
+
+
+@pytest.mark.real                                                   # distils on scikit-image's photos
+def test_tinysr_compresses_the_tsdsr_layout_end_to_end(tmp_path):
+    import dataclasses
+
+    from helpers import run_without_hf_ext
+    from hf_ext.sr import OneStepSRPipeline, TinySRConfig, compress_tinysr
+    from hf_ext.sr.modeling_onestep_sr import drop_text_stream
+
+    root = write_release(tmp_path)
+    teacher = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds").to_onestep()
+    config = TinySRConfig(keep_blocks=1, vae_width=2, group_size=2, search_steps=2, distill_steps=2, batch_size=2,
+                          crop=32, drop_text_stream=True)
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(5))
+    # lr = 0: only the gates train, so the student's transformer is the teacher's, its kept block only, its prompt
+    # dropped and pre-cached; bit for bit (each step is exact on the same values: tests above)
+    frozen, log0 = compress_tinysr(teacher, dataclasses.replace(config, lr=0.0), progress=False)
+    want = precache(drop_text_stream(keep_blocks(teacher.transformer, log0["keep"])))
+    with torch.no_grad():
+        assert torch.equal(frozen.transformer(z), want(z))
+
+    student, log = compress_tinysr(teacher, config, progress=False)
+    assert student.config.latent_math == "tsdsr"
+    t = student.transformer.config
+    assert (t.num_layers, t.text_stream, t.precached) == (1, False, True) and len(log["keep"]) == 1
+    student.save_pretrained(tmp_path / "student")
+    again = OneStepSRPipeline.from_pretrained(tmp_path / "student").to(torch.float64)
+    again.set_progress_bar_config(disable=True)
+    lr = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    torch.save(lr, tmp_path / "lr.pt")
+    want = again(lr, upscale=4, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    got = run_without_hf_ext(f"""
+        import json, torch
+        from diffusers import DiffusionPipeline
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'student')!r}, trust_remote_code=True).to(torch.float64)
+        y = pipe(torch.load({str(tmp_path / 'lr.pt')!r}), upscale=4, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+        print(json.dumps({{"math": pipe.config.latent_math, "y": y.flatten().tolist()}}))
+    """)
+    assert got["math"] == "tsdsr"
+    # float64 on both sides and the same seeded posterior sample: the same computation up to memory alignment
+    # (the round-trip bound, tests/numerics.py)
+    assert_close_rel(torch.tensor(got["y"], dtype=torch.float64).view_as(want), want, ROUND_TRIP_RTOL64)
