@@ -7,7 +7,7 @@ Models (``benchmarks/train_tiny_dit.py``, trained on 16x16 crops of real photos,
 class-conditional DiT (tests/fixtures/tiny_dit) and PixArt (tests/fixtures/tiny_pixart, the class as a
 one-hot caption). Sampling: DDIM 35 steps, classifier-free guidance 1.5 (cond and uncond in one batch); every
 method starts from the same noise; the reference is the uncached model. MACs are counted as executed
-(``hf_ext.dit_cache.macs``) over the whole run. PSNR (on [0, 1] pixels, mean over samples) and SSIM
+(``hf_ext.macs``) over the whole run. PSNR (on [0, 1] pixels, mean over samples) and SSIM
 (torchmetrics) are against the uncached samples.
 
 Settings are chosen on a dev run, never on the evaluation samples: every setting of every method's grid runs
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from train_tiny_dit import num_classes, sample  # noqa: E402
 
 from hf_ext.dit_cache import ICCConfig, apply_icc_cache, remove_icc_cache  # noqa: E402
-from hf_ext.dit_cache.macs import count_macs  # noqa: E402
+from hf_ext.macs import count_macs  # noqa: E402
 
 STEPS, GUIDANCE = 35, 1.5
 RANKS = (4, 8, 16, 32)  # width 128: a rank-r correction costs r/64 of a 128x128 layer (the paper's r=128 at width 1152: 22%)

@@ -186,12 +186,12 @@ def section_profile(models, ggufs, args):
     llama-bench fills the context once and reuses it for every repetition, so the difference between a run of
     ``reps x n_gen`` tokens and a run of 1 token is generation alone; samples / 999 Hz / tokens = ms per token
     (both threads' time summed)."""
-    from hf_ext.llamacpp import _tool
+    from hf_ext.llamacpp import llamacpp_tool
 
     settings = [("source", "f16", 1), ("mla", "f16", 0), ("mla", "f16", 1), ("mla", "bf16", 1)]
     rows, reps, n_gen = [], 4, 64
     for name, cache, fa in settings:
-        base = [str(_tool("llama-bench")), "-m", str(ggufs[name, "f16"]), "-p", "0", "-d", str(args.profile_depth),
+        base = [str(llamacpp_tool("llama-bench")), "-m", str(ggufs[name, "f16"]), "-p", "0", "-d", str(args.profile_depth),
                 "-fa", str(fa), "-ctk", cache, "-ctv", cache, "-t", str(args.threads or 2)]
         long, short = perf_samples(base + ["-n", str(n_gen), "-r", str(reps)]), perf_samples(base + ["-n", "1", "-r", "1"])
         tokens = reps * n_gen - 1

@@ -11,7 +11,7 @@ channel (BT.601) with ``scale`` pixels of border left out: PSNR, and SSIM (torch
 (tiled); its x2 is the x4 network then a bicubic resize, as the wheel's own x2 files do. The teacher is
 ``tests/fixtures/sr_teacher`` (``benchmarks/train_sr_teacher.py``), the student ``tests/fixtures/sr_tinysr``
 (``hf-ext convert tinysr``). Latency: the median per photo of the upscale call, all models interleaved photo by
-photo, ``--threads`` CPU threads; MACs are counted as executed (``hf_ext.dit_cache.macs``) for one 64 px LR
+photo, ``--threads`` CPU threads; MACs are counted as executed (``hf_ext.macs``) for one 64 px LR
 image at x4. ``--parts memory`` measures the largest image the student upscales within 8 GB (peak RSS of a
 child process); ``--png`` saves a side-by-side crop.
 """
@@ -81,7 +81,7 @@ def quality(models: dict, crop: int) -> tuple[list[dict], dict]:
 
 
 def compression(models: dict, res: dict) -> list[dict]:
-    from hf_ext.dit_cache.macs import count_macs
+    from hf_ext.macs import count_macs
 
     rows, lr = [], torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for m in ("teacher (ours)", "TinySR student (ours)"):

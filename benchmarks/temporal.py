@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 from dit_cache import psnr, ssim  # noqa: E402
 from train_tiny_dit import sample  # noqa: E402
 
-from hf_ext.dit_cache.macs import count_macs  # noqa: E402
+from hf_ext.macs import count_macs  # noqa: E402
 from hf_ext.temporal import apply_temporal_cache  # noqa: E402
 from hf_ext.temporal.quant import TFMQConfig, quantize_tfmq, quantize_torchao, remove_tfmq  # noqa: E402
 

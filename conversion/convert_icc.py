@@ -34,8 +34,8 @@ def run(args) -> None:
 
     from hf_ext.dit_cache import (ICCConfig, ICCError, apply_icc_cache, calibrate, icc_state, remove_icc_cache,
                                   save_factors, select_ridge)
-    from hf_ext.dit_cache.calibration import _check_dit, ddim_trajectory
-    from hf_ext.dit_cache.macs import count_macs
+    from hf_ext.dit_cache.calibration import check_dit, ddim_trajectory
+    from hf_ext.macs import count_macs
     from hf_ext.hub import check_output_dir, render_card, save_converted
 
     auto = args.ridge == "auto"
@@ -47,7 +47,7 @@ def run(args) -> None:
                        forecast=args.forecast, granularity=args.granularity, ridge=ridge)
     out = check_output_dir(args.out, args.overwrite)
     model = load_diffusers_model(args.model)
-    _check_dit(model)
+    check_dit(model)
     calib = partial(ddim_trajectory, model, args.calib_samples, args.calib_steps, seed=0)
     if auto and args.method == "rrr":   # development run: seed 2; seed 1 stays held out for the check below
         config, factors, _ = select_ridge(model, config, calib, partial(ddim_trajectory, model, args.dev_samples,

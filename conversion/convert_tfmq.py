@@ -25,7 +25,7 @@ def run(args) -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from hf_ext.dit_cache.calibration import _check_dit, ddim_trajectory
+    from hf_ext.dit_cache.calibration import check_dit, ddim_trajectory
     from hf_ext.hub import check_output_dir, render_card, save_converted
     from hf_ext.temporal.io import save_tfmq
     from hf_ext.temporal.quant import TFMQConfig, quantize_tfmq
@@ -34,7 +34,7 @@ def run(args) -> None:
     config = TFMQConfig(weight_bits=BITS[args.weights], act_bits=8, calibration=args.calibration,
                         temporal=args.temporal)
     model = load_diffusers_model(args.model)
-    _check_dit(model)
+    check_dit(model)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False)
     traj = lambda n, seed: ddim_trajectory(model, n, args.steps, seed=seed, scheduler=sched)  # noqa: E731
     with torch.no_grad():

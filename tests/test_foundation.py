@@ -155,7 +155,7 @@ def test_real_gguf_to_safetensors_and_export_are_lossless(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     m = zoo.MODELS["smollm2-135m"]
-    gguf = AutoModelForCausalLM.from_pretrained(zoo._package_dir(m), gguf_file=m.relpath, dtype=torch.float32).eval()
+    gguf = AutoModelForCausalLM.from_pretrained(zoo.package_dir(m), gguf_file=m.relpath, dtype=torch.float32).eval()
     cached, _ = zoo.load_causal_lm("smollm2-135m")
     assert main(["convert", "export", "--out", str(tmp_path / "x"), "--max-tokens", "64", "--window", "64"]) == 0
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "x", dtype=torch.float32).eval()

@@ -38,9 +38,9 @@ def test_bad_conversion_input_is_refused_before_any_work(tmp_path):
 def test_kv_cache_line_is_parsed_and_its_absence_is_an_error():
     log = ("llama_kv_cache:        CPU KV buffer size =    56.25 MiB\n"
            "llama_kv_cache: size =   56.25 MiB ( 16384 cells,  30 layers,  1/1 seqs), K (f16):   56.25 MiB\n")
-    assert llamacpp._kv_mib(log) == 56.25
+    assert llamacpp.parse_kv_mib(log) == 56.25
     with pytest.raises(LlamaCppError, match="llama_kv_cache: size"):
-        llamacpp._kv_mib("llama_model_load: error loading model\n")
+        llamacpp.parse_kv_mib("llama_model_load: error loading model\n")
 
 
 class _Tok:

@@ -35,7 +35,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _sources(files: list[Path]) -> list[dict]:
+def source_records(files: list[Path]) -> list[dict]:
+    """``[{"file", "sha256"}]`` for a store's manifest: which files it was built from, and their hashes."""
     return [{"file": str(f), "sha256": sha256_file(f)} for f in files]
 
 
@@ -78,7 +79,7 @@ def write_token_windows(files: Iterable[str | os.PathLike], tokenizer, window: i
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
     dtype = token_dtype(len(tokenizer), dtype)
     provenance = {"kind": "tokens", "tokenizer": str(name), "vocab_size": len(tokenizer), "window": window,
-                  "eos_between_files": tokenizer.eos_token_id is not None, "sources": _sources(files)}
+                  "eos_between_files": tokenizer.eos_token_id is not None, "sources": source_records(files)}
     writer = StoreWriter(out, [Field("input_ids", dtype, (window,))], provenance, shard_records, overwrite=overwrite,
                          append=append)
     skip, buf = writer.resume_skip, np.empty(0, np.int64)
@@ -168,7 +169,7 @@ def write_images(root: str | os.PathLike, size: int, out: str | os.PathLike, enc
         fields.append(Field("label", "int64"))
     provenance = {"kind": "images", "size": size, "encode": encode, "classes": classes, "resize": "shorter side, "
                   "bicubic, centre crop", "sources": [{**s, "file": str(Path(s["file"]).relative_to(root))}
-                                                       for s in _sources(files)]}
+                                                       for s in source_records(files)]}
     writer = StoreWriter(out, fields, provenance, shard_records, overwrite=overwrite, append=append)
     with writer:
         for i in tqdm(range(writer.resume_skip, len(files), batch), desc="data: images", unit="batch", disable=not progress):

@@ -16,7 +16,8 @@ from .hooks import apply_icc_cache, call_timestep, remove_icc_cache, target_laye
 from .ops import ca_svd_factors, rrr_factors, svd_factors, taylor_forecast
 
 
-def _check_dit(transformer) -> None:
+def check_dit(transformer) -> None:
+    """Refuse (``ICCError``) a transformer the built-in DiT calibration run cannot sample."""
     if getattr(transformer.config, "num_embeds_ada_norm", None) is None:
         raise ICCError(f"{type(transformer).__name__} is not a class-conditional DiT; the built-in calibration run "
                        "samples DiT-style. Calibrate through the API with your own run=... (a few pipeline steps)")
@@ -28,7 +29,7 @@ def ddim_trajectory(transformer, samples: int = 4, steps: int = 10, guidance: fl
     """DDIM sampling (or ``scheduler``'s) of ``samples`` random classes; returns the final latents."""
     from diffusers import DDIMScheduler
 
-    _check_dit(transformer)
+    check_dit(transformer)
     cfg = transformer.config
     g = torch.Generator().manual_seed(seed)
     classes = cfg.num_embeds_ada_norm

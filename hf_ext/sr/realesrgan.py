@@ -151,7 +151,7 @@ def upscaler_folder(name: str):
     """The diffusers model folder of zoo upscaler ``name``: converted once from the wheel's ncnn files into
     ``$HF_EXT_CACHE/<name>`` (atomically), then reused."""
     from ..hub import save_converted
-    from ..zoo import MODELS, _package_dir, cache_dir
+    from ..zoo import MODELS, package_dir, cache_dir
 
     m = MODELS.get(name)
     if m is None or m.kind != "ncnn":
@@ -159,7 +159,7 @@ def upscaler_folder(name: str):
         raise NcnnError(f"unknown upscaler '{name}'; zoo upscalers: {known} (or a saved model folder)")
     out = cache_dir() / name
     if not (out / "config.json").is_file():
-        src = _package_dir(m) / m.relpath
+        src = package_dir(m) / m.relpath
         save_converted(from_ncnn(f"{src}.param", f"{src}.bin"), out, overwrite=True)
     return out
 

@@ -51,7 +51,7 @@ def apply_saved_tfmq(model, folder: str | os.PathLike):
     """Apply the quantization saved in ``folder`` to ``model`` (the same architecture); returns the config."""
     from safetensors import safe_open
 
-    from .quant import TFMQConfig, _attach
+    from .quant import TFMQConfig, attach_quantizers
 
     path = Path(folder) / QUANT_FILE
     if not path.is_file():
@@ -73,7 +73,7 @@ def apply_saved_tfmq(model, folder: str | os.PathLike):
     config = TFMQConfig(**meta["config"])
     if meta["cached"]:
         apply_temporal_cache(model, cache=TemporalFeatureCache.load(folder), modules=meta["cached"])
-    _attach(model, config, ranges, timesteps, qweights)
+    attach_quantizers(model, config, ranges, timesteps, qweights)
     model._hf_ext_tfmq = {"config": config, "ranges": ranges, "qweights": qweights, "cached": meta["cached"],
                           "disturbance": {}, "timesteps": timesteps}
     return config

@@ -134,7 +134,7 @@ def calibrate_ranges(model, config: TFMQConfig, timesteps: torch.Tensor, run, ca
     return ranges
 
 
-def _attach(model, config: TFMQConfig, ranges: dict, timesteps: torch.Tensor, qweights: dict | None = None) -> _Clock:
+def attach_quantizers(model, config: TFMQConfig, ranges: dict, timesteps: torch.Tensor, qweights: dict | None = None) -> _Clock:
     """Quantize-dequantize hooks on every layer in ``ranges``; ``qweights`` ({name: (codes, scales)}) are
     computed from the weights when not given (they are when loading a saved quantization)."""
     clock = _Clock(timesteps, inspect.signature(model.forward))
@@ -164,7 +164,7 @@ def temporal_disturbance(model, config: TFMQConfig, ranges: dict, timesteps: tor
     ref, got = [], []
     for s, t in enumerate(timesteps):
         ref.append(tib_outputs(model, tib, t.repeat(L), labels))
-    clock = _attach(model, config, ranges, timesteps)
+    clock = attach_quantizers(model, config, ranges, timesteps)
     try:
         for s, t in enumerate(timesteps):
             clock.step = s
@@ -201,7 +201,7 @@ def quantize_tfmq(model, config: TFMQConfig, scheduler, num_inference_steps: int
     if cached:
         apply_temporal_cache(model, scheduler, num_inference_steps, modules=cached)
     qweights: dict = {}
-    _attach(model, config, ranges, timesteps, qweights)
+    attach_quantizers(model, config, ranges, timesteps, qweights)
     model._hf_ext_tfmq = {"config": config, "ranges": ranges, "qweights": qweights, "cached": cached,
                           "disturbance": disturbance, "timesteps": timesteps}
     return model._hf_ext_tfmq

@@ -20,7 +20,7 @@ import torch
 
 from ..data import StoreWriter
 from ..data.format import Field
-from ..data.sources import _sources, load_image
+from ..data.sources import source_records, load_image
 from .families import HookError
 from .hooked import HookedVision
 
@@ -84,7 +84,7 @@ def cache_activations(hooked: HookedVision, hook_name: str, batches: Iterable, o
                         "a residual point instead")
     provenance = {"kind": "activations", "model": model_name or type(hooked.model).__name__, "hook_name": hook_name,
                   "cls_only": cls_only, "family": hooked.family.name,
-                  "sources": _sources(sources) if sources else []}
+                  "sources": source_records(sources) if sources else []}
     stop, writer, skip, base = _stop_layer(hooked, hook_name), None, 0, 0
     bar = tqdm(desc=f"cache {hook_name}", unit="row", disable=not progress)
     try:

@@ -201,7 +201,7 @@ def test_cli_convert_icc_saves_factors_that_load_back(tmp_path, capsys):
     # the reported saving is the MACs the loaded factors really skip on the CLI's held-out run (2 samples,
     # 4 steps, seed 1): MAC counts are integers fixed by the shapes and the full/cached schedule, so exact
     from hf_ext.dit_cache.calibration import ddim_trajectory
-    from hf_ext.dit_cache.macs import count_macs
+    from hf_ext.macs import count_macs
     with count_macs() as cached:
         ddim_trajectory(model, 2, 4, seed=1)
     remove_icc_cache(model)
@@ -213,7 +213,7 @@ def test_cli_convert_icc_saves_factors_that_load_back(tmp_path, capsys):
 
 
 def test_macs_are_counted_as_executed():
-    from hf_ext.dit_cache.macs import count_macs
+    from hf_ext.macs import count_macs
 
     m = Dummy()
     apply_icc_cache(m, ICCConfig(rank=1, method="reuse", full_every=2), {})

@@ -6,7 +6,7 @@ import torch
 from diffusers import (DDIMScheduler, DiTTransformer2DModel, EulerDiscreteScheduler, PixArtTransformer2DModel,
                        UNet2DConditionModel, UNet2DModel)
 
-from hf_ext.dit_cache.macs import count_macs
+from hf_ext.macs import count_macs
 from hf_ext.temporal import TemporalError, TemporalFeatureCache, apply_temporal_cache, find_tib, remove_temporal_cache
 from numerics import assert_close_rel
 

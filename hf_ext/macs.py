@@ -6,7 +6,7 @@ Broadcast), forecast outputs (TaylorSeer) and ICC's low-rank corrections are all
 not from a formula.
 
 Example:
-    >>> from hf_ext.dit_cache.macs import count_macs
+    >>> from hf_ext.macs import count_macs
     >>> with count_macs() as macs:  # doctest: +SKIP
     ...     transformer(x, timestep=t, class_labels=y)
     >>> macs.total  # doctest: +SKIP
