@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 from hf_ext.vit_hooks import HookedVision
-from hf_ext.vit_hooks.models import load_hookable
+from hf_ext.vit_hooks.loading import load_hookable
 from hf_ext.vit_hooks.sae import SAEConfig
-from hf_ext.vit_hooks.sae_train import SAETrainConfig, evaluate_sae, train_sae
+from hf_ext.vit_hooks.sae.train import SAETrainConfig, evaluate_sae, train_sae
 from hf_ext.vit_hooks.splice import embedding_cosine_loss, next_token_loss, spliced_loss
 from hf_ext.vit_hooks.store import cache_activations, text_batches
 from hf_ext.zoo import corpus_files

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hf_ext.sr import OneStepSRPipeline, RealESRGANPipeline, load_upscaler  # noqa: E402
+from hf_ext.sr.measure import pipeline_params  # noqa: E402
 from hf_ext.sr.data import bicubic_degrade, load_rgb, psnr_ssim_y, realistic_degrade, sr_photos  # noqa: E402
 
 TEACHER, STUDENT = ROOT / "tests/fixtures/sr_teacher", ROOT / "tests/fixtures/sr_tinysr"
@@ -49,8 +50,8 @@ def upscalers() -> dict:
     for name, folder in (("teacher (ours)", TEACHER), ("TinySR student (ours)", STUDENT)):
         pipe = OneStepSRPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
-        out[name] = (lambda lr, s, p=pipe: p(lr, upscale=s, tile=64, output_type="pt").images,
-                     sum(p.numel() for m in (pipe.vae, pipe.transformer) for p in m.parameters()), pipe)
+        out[name] = (lambda lr, s, p=pipe: p(lr, upscale=s, tile=64, output_type="pt").images, pipeline_params(pipe),
+                     pipe)
     return out
 
 
@@ -81,13 +82,12 @@ def quality(models: dict, crop: int) -> tuple[list[dict], dict]:
 
 
 def compression(models: dict, res: dict) -> list[dict]:
-    from hf_ext.macs import count_macs
+    from hf_ext.sr.measure import pipeline_macs
 
-    rows, lr = [], torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    rows = []
     for m in ("teacher (ours)", "TinySR student (ours)"):
         fn, params, pipe = models[m]
-        with torch.no_grad(), count_macs() as macs:
-            fn(lr, 4)
+        macs = pipeline_macs(pipe)
         with torch.no_grad():                                    # the VAE alone: the ceiling of the pipeline
             recon = [psnr_ssim_y((pipe.decode(pipe.encode(hr * 2 - 1)) + 1) / 2, hr, 4)[0]
                      for hr in (load_rgb(p, 256) for p in sr_photos("eval"))]

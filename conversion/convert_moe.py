@@ -1,14 +1,18 @@
 """`hf-ext convert moe`: a dense Llama-family LM -> Read-ME pre-gated MoE (experts, router, tuning rounds)."""
 from __future__ import annotations
 
-from .common import add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
+from .common import add_command, add_eval_args, add_json_arg, add_output_args, emit, load_source, maybe_push
 
 
 def add_parser(sub) -> None:
+    add_command(sub, "moe", "split the MLPs into Read-ME experts with a pre-gating router over token ids", arguments,
+                run)
+
+
+def arguments(p) -> None:
     from hf_ext.moe.tune import TuneConfig
 
     d = TuneConfig()
-    p = sub.add_parser("moe", help="split the MLPs into Read-ME experts with a pre-gating router over token ids")
     p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder or Hub repo id")
     p.add_argument("--experts", type=int, default=8, help="routed experts per layer, D (default 8)")
     p.add_argument("--top-p", type=float, default=0.5, help="fraction of each MLP a token uses (default 0.5)")
@@ -29,7 +33,6 @@ def add_parser(sub) -> None:
     add_eval_args(p)
     add_output_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def _windows(ids, n: int, length: int = 128):

@@ -1,24 +1,28 @@
 """`hf-ext convert tfmq`: timestep-aware quantization (TFMQ-DM) of a class-conditional DiT, saved beside it."""
 from __future__ import annotations
 
-from .common import add_json_arg, add_output_args, emit, load_diffusers_model, maybe_push
+from .common import add_command, add_field, add_json_arg, add_output_args, emit, load_diffusers_model, maybe_push
 
 BITS = {"int8": 8, "int4": 4}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tfmq", help="temporal feature cache + timestep-aware PTQ (simulated W8A8 / W4A8) for a DiT")
+    add_command(sub, "tfmq", "temporal feature cache + timestep-aware PTQ (simulated W8A8 / W4A8) for a DiT", arguments, run)
+
+
+def arguments(p) -> None:
+    from hf_ext.temporal.quant import TFMQConfig as C
+
     p.add_argument("--model", required=True, help="a saved diffusers DiT folder (or a pipeline folder)")
     p.add_argument("--weights", choices=list(BITS), default="int8")
     p.add_argument("--activations", choices=["int8"], default="int8")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps the quantization is calibrated for")
-    p.add_argument("--calibration", choices=["finite-set", "minmax"], default="finite-set")
-    p.add_argument("--temporal", choices=["cache", "auto", "quantize"], default="cache",
-                   help="temporal features: from the full-precision table, per module by disturbance, or quantized")
+    add_field(p, C, "calibration", choices=["finite-set", "minmax"])
+    add_field(p, C, "temporal", choices=["cache", "auto", "quantize"],
+              help="temporal features: from the full-precision table, per module by disturbance, or quantized")
     p.add_argument("--calib-samples", type=int, default=8, help="samples in the calibration run")
     add_output_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -1,11 +1,14 @@
 """`hf-ext convert tsdsr`: TSD-SR's released files (SD3-medium + LoRAs + prompt embeddings) as one pipeline folder."""
 from __future__ import annotations
 
-from .common import add_json_arg, add_output_args, emit, maybe_push
+from .common import add_command, add_json_arg, add_output_args, emit, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("tsdsr", help="TSD-SR's released weights as one OneStepSRPipeline folder (LoRAs merged)")
+    add_command(sub, "tsdsr", "TSD-SR's released weights as one OneStepSRPipeline folder (LoRAs merged)", arguments, run)
+
+
+def arguments(p) -> None:
     p.add_argument("--base", required=True, help="SD3-medium in diffusers format (transformer/, vae/)")
     p.add_argument("--lora", required=True, help="TSD-SR's LoRA folder (transformer.safetensors, vae.safetensors)")
     p.add_argument("--embeds", required=True, help="TSD-SR's embedding folder (prompt_embeds.pt, pool_embeds.pt)")
@@ -13,7 +16,6 @@ def add_parser(sub) -> None:
                    "modulations, dropping the modules that made them (bit-identical; TinySR)")
     add_output_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_json_arg, emit
+from .common import add_command, add_group, add_json_arg, emit
 
 
-def add_parsers(sub) -> None:
-    data = sub.add_parser("data", help="fast data path: write stores of token windows or images").add_subparsers(
-        dest="data_cmd", required=True)
-    p = data.add_parser("tokens", help="tokenize text files into fixed windows of token ids")
+def add_parser(sub) -> None:
+    data = add_group(sub, "data", "fast data path: write stores of token windows or images", dest="data_cmd")
+    add_command(data, "tokens", "tokenize text files into fixed windows of token ids", tokens_arguments, run_tokens)
+    add_command(data, "images", "images at a fixed size: raw uint8 HWC or re-encoded", images_arguments, run_images)
+    add_command(data, "info", "describe a store: fields, records, bytes, provenance",
+                lambda p: (p.add_argument("store"), add_json_arg(p)), run_info)
+
+
+def tokens_arguments(p) -> None:
     p.add_argument("--text-files", nargs="+", required=True,
                    help="files or folders (python-docs:train and python-docs:eval work too)")
     p.add_argument("--tokenizer", required=True, help="zoo name (smollm2-135m), local folder or Hub repo id")
@@ -17,20 +22,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
                    help="id storage (default auto: uint16 when the vocabulary fits)")
     _common(p)
-    p.set_defaults(func=run_tokens)
 
-    p = data.add_parser("images", help="images at a fixed size: raw uint8 HWC or re-encoded")
+
+def images_arguments(p) -> None:
     p.add_argument("--dir", required=True, help="a folder of images; sub-folders are classes, as in ImageFolder")
     p.add_argument("--size", type=int, default=64, help="side in pixels (shorter side resized, centre crop)")
     p.add_argument("--encode", choices=["none", "jpeg", "png"], default="none",
                    help="store raw pixels (default) or re-encoded bytes, decoded when read")
     _common(p)
-    p.set_defaults(func=run_images)
-
-    p = data.add_parser("info", help="describe a store: fields, records, bytes, provenance")
-    p.add_argument("store")
-    add_json_arg(p)
-    p.set_defaults(func=run_info)
 
 
 def _common(p) -> None:

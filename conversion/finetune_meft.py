@@ -4,32 +4,36 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_json_arg, add_output_args, emit, maybe_push
+from .common import add_command, add_field, add_json_arg, add_output_args, emit, maybe_push
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("meft", help="MEFT reversible adapters on a classification task (activation-memory light)")
-    p.add_argument("--model", default="minilm-l6", help="zoo name, local folder or Hub repo id (default minilm-l6)")
-    p.add_argument("--task", default="docs-sections", help="task of hf_ext.tasks (default docs-sections)")
-    p.add_argument("--variant", choices=["meft1", "meft2", "meft3"], default="meft3",
-                   help="meft3 (default: best dev accuracy on docs-sections, see README), meft1 or meft2")
-    p.add_argument("--adapter-dim", type=int, default=16)
-    p.add_argument("--lam", type=float, default=None, help="x1 scale (default: measured safe default)")
-    p.add_argument("--beta", type=float, default=None, help="x2 scale (default: measured safe default)")
-    p.add_argument("--reconstruction-dtype", choices=["float64", "float32"], default="float64")
-    p.add_argument("--epochs", type=int, default=8,
-                   help="passes over the train split (default 8: better than 5 for MEFT3 and full FT, README)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
-    p.add_argument("--max-per-class", type=int, default=400,
-                   help="cap on train examples per class, a fixed sample spread over each class (default 400)")
-    p.add_argument("--select-epoch", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep the epoch with the best dev-split accuracy (default on)")
-    p.add_argument("--seed", type=int, default=0)
+    add_command(sub, "meft", "MEFT reversible adapters on a classification task (activation-memory light)",
+                arguments, run)
+
+
+def arguments(p) -> None:
+    from hf_ext.meft.train import FinetuneConfig as C
+
+    add_field(p, C, "model", help="zoo name, local folder or Hub repo id")
+    add_field(p, C, "task", help="task of hf_ext.tasks")
+    add_field(p, C, "variant", choices=["meft1", "meft2", "meft3"],
+              help="meft3 (best dev accuracy on docs-sections, see docs/meft.md), meft1 or meft2")
+    add_field(p, C, "adapter_dim")
+    add_field(p, C, "lam", type=float, help="x1 scale (default: measured safe default)")
+    add_field(p, C, "beta", type=float, help="x2 scale (default: measured safe default)")
+    add_field(p, C, "reconstruction_dtype", choices=["float64", "float32"])
+    add_field(p, C, "epochs", help="passes over the train split (8: better than 5 for MEFT3 and full FT)")
+    add_field(p, C, "batch_size")
+    add_field(p, C, "max_length")
+    add_field(p, C, "lr", type=float, help="learning rate (default: 2e-3 for MEFT)")
+    add_field(p, C, "max_per_class", type=int,
+              help="cap on train examples per class, a fixed sample spread over each class")
+    add_field(p, C, "select_epoch", action=argparse.BooleanOptionalAction,
+              help="keep the epoch with the best dev-split accuracy (default on)")
+    add_field(p, C, "seed")
     add_output_args(p)
     add_json_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args) -> None:

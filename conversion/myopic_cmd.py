@@ -3,50 +3,51 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_json_arg, emit, maybe_push
+from .common import add_command, add_field, add_group, add_json_arg, emit, maybe_push
 
 
-def add_parsers(sub) -> None:
-    my = sub.add_parser("myopic", help="myopic training (no gradient to past positions)").add_subparsers(
-        dest="myopic_cmd", required=True)
-    p = my.add_parser("synthetic", help="the paper's pre-caching task: vanilla vs myopic, losses and probe R^2",
-                      description="Unset options take hf_ext.myopic.synthetic.SyntheticConfig's defaults (the CPU "
-                                  "recipe: p 0.3, 20000 steps of 64 sequences, lr 3e-3, curriculum 0.3).")
-    p.add_argument("--p", type=float, help="probability of a sum target")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--curriculum", type=float,
-                   help="fraction of steps over which the training frequency ramps 1 -> 10 (0 = the paper's fixed 10)")
-    p.add_argument("--seed", type=int, default=0)
+def add_parser(sub) -> None:
+    my = add_group(sub, "myopic", "myopic training (no gradient to past positions)", dest="myopic_cmd")
+    add_command(my, "synthetic", "the paper's pre-caching task: vanilla vs myopic, losses and probe R^2",
+                synthetic_arguments, run_synthetic)
+    add_command(my, "gap", "fine-tune vanilla and myopic copies of an LM, report the held-out gap", gap_arguments,
+                run_gap)
+
+
+def synthetic_arguments(p) -> None:
+    from hf_ext.myopic.synthetic import SyntheticConfig as C
+
+    add_field(p, C, "p", help="probability of a sum target")
+    add_field(p, C, "steps")
+    add_field(p, C, "batch_size")
+    add_field(p, C, "lr")
+    add_field(p, C, "curriculum", help="fraction of steps over which the training frequency ramps 1 -> 10 (0 = the "
+                                       "paper's fixed 10)")
+    add_field(p, C, "seed")
     add_json_arg(p)
-    p.set_defaults(func=run_synthetic)
 
-    p = my.add_parser("gap", help="fine-tune vanilla and myopic copies of an LM, report the held-out gap")
-    p.add_argument("--model", default="smollm2-135m", help="zoo name, local folder or Hub repo id")
-    p.add_argument("--train-text", default="python-docs:train")
-    p.add_argument("--eval-text", default="python-docs:eval")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-5)
-    p.add_argument("--local-window", type=int, default=None, help="local myopic: gradients within w positions")
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--seed", type=int, default=0)
+
+def gap_arguments(p) -> None:
+    from hf_ext.myopic.gap import GapConfig as C
+
+    add_field(p, C, "model", help="zoo name, local folder or Hub repo id")
+    for name in ("train_text", "eval_text", "steps", "seq_len", "batch_size", "lr"):
+        add_field(p, C, name)
+    add_field(p, C, "local_window", type=int, help="local myopic: gradients within w positions (default: myopic)")
+    add_field(p, C, "eval_tokens")
+    add_field(p, C, "seed")
     p.add_argument("--out", help="also save the myopic model here (with a model card)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--push-to-hub", metavar="REPO_ID")
     p.add_argument("--endpoint")
     add_json_arg(p)
-    p.set_defaults(func=run_gap)
 
 
 def run_synthetic(args) -> None:
     from hf_ext.myopic.synthetic import SyntheticConfig, run_synthetic
 
     try:
-        given = {k: getattr(args, k) for k in ("p", "steps", "batch_size", "lr", "curriculum")}
-        cfg = SyntheticConfig(seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+        cfg = SyntheticConfig(**{k: getattr(args, k) for k in ("p", "steps", "batch_size", "lr", "curriculum", "seed")})
     except ValueError as e:
         from hf_ext.errors import BadTextError
 

@@ -164,3 +164,30 @@ def test_real_gguf_to_safetensors_and_export_are_lossless(tmp_path, capsys):
         assert_round_trip(cached, gguf, lambda m: m(x).logits)           # weights bit for bit, outputs in float64
         assert_round_trip(exported, gguf, lambda m: m(x).logits)
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "x" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("transformers_first", [False, True])
+def test_import_hf_ext_is_light_and_still_registers_the_auto_classes(transformers_first):
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+{first}
+light = "torch" not in sys.modules
+{second}
+registered = "hf_ext.mla" in sys.modules and "hf_ext.moe" in sys.modules     # by the hook, not by this script
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+mla, moe = CONFIG_MAPPING["hfext_mla"], CONFIG_MAPPING["hfext_pregated_moe"]
+print(json.dumps([light, registered, AutoModelForCausalLM._model_mapping[mla].__name__,
+                  AutoModelForCausalLM._model_mapping[moe].__name__]))
+"""
+    imports = ["import hf_ext", "from transformers import AutoModelForCausalLM"]
+    first, second = imports[::-1] if transformers_first else imports
+    run = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    light, *registered = json.loads(run.stdout.strip().splitlines()[-1])
+    assert registered == [True, "MLAForCausalLM", "PreGatedMoEForCausalLM"]
+    assert light != transformers_first            # hf_ext alone imports no torch; after transformers it is there

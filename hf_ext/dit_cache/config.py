@@ -48,7 +48,7 @@ class ICCConfig:
         targets: regular expression on module names selecting the cached layers (default: by granularity).
     """
 
-    rank: int = 64
+    rank: int = 128                    # a DiT-XL layer is 1152 wide; also `hf-ext convert icc`'s default
     method: str = "ca-svd"
     full_every: int = 2
     warmup: int = 0

@@ -16,8 +16,9 @@ MLAForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __all__ = ["MLAConfig", "MLAForCausalLM", "MLAModel", "MLALatentLayer", "latent_cache_bytes"]
 
 from .convert import SUPPORTED, UpcycleConfig, UpcycleError, upcycle_to_mla  # noqa: E402
+from .upcycle_config import resolve_target_dims  # noqa: E402
 
-__all__ += ["SUPPORTED", "UpcycleConfig", "UpcycleError", "upcycle_to_mla"]
+__all__ += ["SUPPORTED", "UpcycleConfig", "UpcycleError", "resolve_target_dims", "upcycle_to_mla"]
 from .export import ExportError, export_deepseek_v3, save_deepseek_v3  # noqa: E402
 
 __all__ += ["ExportError", "export_deepseek_v3", "save_deepseek_v3"]

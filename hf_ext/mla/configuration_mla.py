@@ -25,7 +25,8 @@ class MLAConfig(PreTrainedConfig):
             rotary pairs. Upcycling picks them; ``None`` means the first (highest) frequencies.
         head_dim (`int`): head width of the *source* model; RoPE frequencies are those of this width.
         softmax_scale (`float`, *optional*): attention scale; defaults to ``head_dim ** -0.5`` as in the source.
-        q_lora_rank (`int`, *optional*): when set, queries go through a rank-``q_lora_rank`` bottleneck.
+        q_lora_rank (`int`, *optional*): when set, queries go through a rank-``q_lora_rank`` bottleneck
+            (DeepSeek-V3's query latent: ``latent_norm_init="gain"`` and the export set it to hidden_size).
         latent_norm (`bool`): DeepSeek's RMSNorms on the latents: ``kv_a_layernorm`` on c_kv (before it is
             cached) and, with ``q_lora_rank``, ``q_a_layernorm`` on the query latent. This is the architecture
             that ``hf_ext.mla.export_deepseek_v3`` writes, so distil with it to train what you export.

@@ -86,7 +86,7 @@ def engine_latent_dims(source_config, min_ratio: float = 6.0, rope_dim: int = 32
 
 
 def check_deepseek_source(model, ucfg, qk_norm: bool) -> None:
-    """Refuse a source (or option) that ``target="deepseek_v3"`` cannot express; resolve the RoPE selection."""
+    """Refuse a source (or option) that ``target="deepseek_v3"`` cannot express. Reads only: ``ucfg`` is left as given."""
     cfg, attn = model.config, model.model.layers[0].self_attn
     fix = "upcycle with target='hf_ext' (our MLAForCausalLM, loaded with trust_remote_code) instead"
     if qk_norm:
@@ -105,15 +105,24 @@ def check_deepseek_source(model, ucfg, qk_norm: bool) -> None:
     if ucfg.rope_key_sharing != "shared":
         raise ExportError("DeepSeek-V3 has one RoPE key shared by all heads; use rope_key_sharing='shared' "
                           f"with target='deepseek_v3' (per_kv_head keys: {fix})")
-    if ucfg.rope_selection == "qk_freq":           # the default score, constrained to what DeepSeek can express
-        ucfg.rope_selection = "geometric"
-    if ucfg.rope_selection == "high_freq":         # the fastest pairs are stride 1
-        ucfg.rope_selection, ucfg.rope_stride = "geometric", 1
-    if ucfg.rope_selection != "geometric":
+    if ucfg.rope_selection not in ("qk_freq", "high_freq", "geometric"):
         raise ExportError(f"rope_selection={ucfg.rope_selection!r} keeps pairs DeepSeek's RoPE cannot express; "
                           "use 'geometric' (every c-th frequency from the fastest) or 'high_freq'")
     if ucfg.latent_norm_init not in ("identity", "gain"):
         raise ExportError(f"latent_norm_init={ucfg.latent_norm_init!r}; choose 'identity' or 'gain'")
+
+
+def deepseek_rope_selection(ucfg) -> tuple[str, int | None]:
+    """``(rope_selection, rope_stride)`` that ``target="deepseek_v3"`` runs for ``ucfg`` (checked by
+    ``check_deepseek_source``): always ``"geometric"``, the only sets DeepSeek's RoPE can express.
+    ``"qk_freq"`` keeps its score under that constraint (stride as given, None: chosen later); ``"high_freq"``,
+    the fastest pairs, is stride 1.
+
+    Example:
+        >>> deepseek_rope_selection(UpcycleConfig(kv_ratio=6.4, rope_selection="high_freq"))  # doctest: +SKIP
+        ('geometric', 1)
+    """
+    return "geometric", 1 if ucfg.rope_selection == "high_freq" else ucfg.rope_stride
 
 
 def query_latent(g: torch.Tensor, beta: float = 1.0, eps: float = DEEPSEEK_LATENT_EPS):

@@ -70,3 +70,18 @@ def decode_tokens_per_s(model, context: int, new_tokens: int = 32, batch: int = 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return batch * new_tokens / sorted(times)[len(times) // 2]
+
+
+def conversion_figures(source, mla, tokenizer, eval_text: str, max_tokens: int | None = 4096,
+                       window: int = 512) -> dict:
+    """Held-out perplexity of the source and the MLA model on ``eval_text``, and the KV-cache bytes per token
+    of each (``kv_bytes_per_token`` on a short prompt): what ``hf-ext convert mla`` reports and writes to the
+    model card."""
+    from ..eval import perplexity
+
+    prompt = torch.tensor([tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]])
+    ev = dict(max_tokens=max_tokens, window=window)
+    return {"ppl_source": perplexity(source, tokenizer, eval_text, **ev)["ppl"],
+            "ppl_upcycled": perplexity(mla, tokenizer, eval_text, **ev)["ppl"],
+            "kv_bytes_per_token_source": kv_bytes_per_token(source, prompt),
+            "kv_bytes_per_token": kv_bytes_per_token(mla, prompt)}

@@ -35,6 +35,18 @@ def pair_rows(i: int, D: int) -> tuple[int, int]:
     return i, i + D // 2
 
 
+def rope_head_rows(pairs: list[tuple[int, int]], D: int) -> list[int]:
+    """Rows, among the n_kv*D (rotated) keys, of one RoPE head's kept pairs ``[(i, j)]`` (frequency i of
+    component j), in the head's rotate-half order: the first dim of every pair, then the second.
+
+    Example:
+        >>> rope_head_rows([(0, 1), (3, 0)], 8)
+        [8, 3, 12, 7]
+    """
+    rows = [[j * D + d for d in pair_rows(i, D)] for i, j in pairs]         # (d_r/2, 2)
+    return [a for a, _ in rows] + [b for _, b in rows]
+
+
 def rorope_rotation(K: torch.Tensor, n_kv: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frequency PCA across KV heads of the keys' second moment K (n_kv*D, n_kv*D).
 

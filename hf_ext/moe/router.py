@@ -91,13 +91,13 @@ def router_loss(logits: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, 
 
 
 def train_router(moe, batches, scores, epochs: int = 3, lr: float = 1e-3, temperature: float = 1.0,
-                 seed: int = 0, progress: bool = True) -> dict:
+                 seed: int = 0, progress: bool = True, accelerator=None) -> dict:
     """Train ``moe.router`` on ``batches`` (dicts with input_ids, attention_mask) toward ``scores``
     (``overlap_scores``). Returns the loss curve and the target accuracy of the last epoch."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    acc = Accelerator()
+    acc = accelerator or Accelerator()
     torch.manual_seed(seed)
     router = moe.router
     router.train()

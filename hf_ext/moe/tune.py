@@ -95,6 +95,10 @@ def tune(moe, dense, store, config: TuneConfig | None = None, route=None, on_ste
 
     Returns a log: steps, tokens, seconds, tokens/s, and per round the router's target accuracy on its
     windows (before and after its training) and the first and last KL of the expert round.
+
+    (About 115 lines: the alternation of router and expert rounds, with checkpoint and resume between any two
+    steps, is kept in one loop so that the resume points are visible; the router round is ``train_router``
+    and the losses are ``router_loss`` and one KL expression.)
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed

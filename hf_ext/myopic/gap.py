@@ -53,26 +53,24 @@ def finetune_lm(model, windows: torch.Tensor, cfg: GapConfig, progress: bool = T
                 accelerator=None) -> float:
     """Causal-LM fine-tuning on ``windows`` (N, seq_len), same order for every call. Returns seconds."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
+
+    from ..training import optimize
 
     acc = accelerator or Accelerator()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup * cfg.steps), cfg.steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(cfg.seed))
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
         idx = order[(step * cfg.batch_size + torch.arange(cfg.batch_size)) % len(windows)]
         ids = windows[idx].to(acc.device)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-        acc.backward(loss)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    model.train()
+    t0 = time.perf_counter()
+    optimize(acc, model, opt, sched, step_loss, cfg.steps, desc, progress)
     model.eval()
     return time.perf_counter() - t0
 

@@ -105,9 +105,9 @@ def normalized_loss(pred, y, p: float) -> float:
 def train(cfg: SyntheticConfig, myopic: bool, progress: bool = True, accelerator=None):
     """Train one model (fresh samples every step). Returns (model, seconds)."""
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from ..training import optimize
     from .attention import enable_myopic
 
     acc = accelerator or Accelerator()
@@ -121,18 +121,14 @@ def train(cfg: SyntheticConfig, myopic: bool, progress: bool = True, accelerator
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * cfg.steps), cfg.steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     gen = torch.Generator().manual_seed(cfg.seed + 1)                      # train stream
-    t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"synthetic {'myopic' if myopic else 'vanilla'}", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int) -> torch.Tensor:
         x, z, y = (a.to(acc.device) for a in sample(cfg, cfg.batch_size, gen, cfg.train_freq(step)))
-        loss = F.huber_loss(model(x, z)[0], y, delta=1.0)
-        acc.backward(loss)
-        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 50 == 0:
-            bar.set_postfix(norm_loss=f"{loss.item() / cfg.p:.3f}")
+        return F.huber_loss(model(x, z)[0], y, delta=1.0)
+
+    t0 = time.perf_counter()
+    optimize(acc, model, opt, sched, step_loss, cfg.steps, f"synthetic {'myopic' if myopic else 'vanilla'}",
+             progress, max_grad_norm=cfg.max_grad_norm, log_every=50)
     return acc.unwrap_model(model), time.perf_counter() - t0
 
 

@@ -121,5 +121,6 @@ def test_cli_bad_input_leaves_nothing(tiny_bert_dir, tmp_path, capsys):
 
 def test_cli_schedule_default_is_the_config_default():
     """`hf-ext finetune meft` and `FinetuneConfig` share the measured schedule, so the two cannot drift apart."""
-    args = build_parser().parse_args(["finetune", "meft", "--out", "x"])
+    argv = ["finetune", "meft", "--out", "x"]
+    args = build_parser(argv).parse_args(argv)
     assert args.epochs == FinetuneConfig.epochs == 8

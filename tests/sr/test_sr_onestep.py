@@ -6,9 +6,10 @@ import torch
 from diffusers import AutoencoderKL
 from numerics import OPS_FP64_ATOL, U32, assert_round_trip, float64_copy, gamma
 
-from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, drop_text_stream, keep_blocks, precache
-from hf_ext.sr.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
-from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.onestep.modeling_onestep_sr import OneStepSRTransformer2DModel
+from hf_ext.sr.onestep.ops import adain_color_fix, wavelet_color_fix, wavelet_split, wavelet_split_naive
+from hf_ext.sr.onestep.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.tinysr.surgery import drop_text_stream, keep_blocks, precache
 
 pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
 
@@ -129,7 +130,7 @@ def ramps(n: int, ramp: int, up: bool, down: bool) -> torch.Tensor:
 def test_pipeline_shapes_tiles_colour_fixes_and_round_trip(tmp_path):
     from PIL import Image
 
-    from hf_ext.sr.ops import adain_color_fix as adain, wavelet_color_fix as wavelet
+    from hf_ext.sr.onestep.ops import adain_color_fix as adain, wavelet_color_fix as wavelet
 
     pipe = tiny_pipeline()
     img = torch.rand(1, 3, 13, 10)                           # 4x gives 52 x 40: padded to the latent grid inside
@@ -174,7 +175,7 @@ def test_pipeline_shapes_tiles_colour_fixes_and_round_trip(tmp_path):
 
 @torch.no_grad()
 def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path):
-    from hf_ext.sr.vae import remove_attention
+    from hf_ext.sr.tinysr.vae_compression import remove_attention
 
     vae = tiny_pipeline().vae
     x = torch.rand(1, 3, 16, 16) * 2 - 1
@@ -200,8 +201,8 @@ def test_vae_attention_removal_is_exact_when_the_attention_adds_nothing(tmp_path
 
 @torch.no_grad()
 def test_sepconv_factorization_is_exact_for_separable_weights_and_shrinks_the_vae():
-    from hf_ext.sr.ops import sepconv_factors, sepconv_weight_naive
-    from hf_ext.sr.vae import replace_with_sepconv, sepconv_from_conv
+    from hf_ext.sr.tinysr.ops import sepconv_factors, sepconv_weight_naive
+    from hf_ext.sr.tinysr.vae_compression import replace_with_sepconv, sepconv_from_conv
 
     g = torch.Generator().manual_seed(0)
     dw, pw = torch.randn(6, 1, 3, 3, generator=g), torch.randn(5, 6, 1, 1, generator=g)

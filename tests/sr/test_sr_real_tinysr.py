@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hf_ext.sr.data import bicubic_degrade, load_rgb, sr_photos
-from hf_ext.sr.modeling_onestep_sr import precache
-from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
-from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.onestep.modeling_sepconv_vae import SepConvAutoencoderKL
+from hf_ext.sr.onestep.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.tinysr.surgery import precache
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 pytestmark = [pytest.mark.real, pytest.mark.numerics]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_ext.sr import NcnnError, RealESRGANPipeline, SRVGGNetCompact, from_ncnn, load_upscaler, tiled_upscale
-from hf_ext.sr.tiling import tile_starts
+from hf_ext.sr.onestep.tiling import tile_starts
 from numerics import ROUND_TRIP_RTOL64, assert_close_rel, assert_round_trip, gamma
 
 

@@ -12,12 +12,12 @@ from diffusers import AutoencoderKL
 from numerics import (ROUND_TRIP_RTOL64, U32, assert_close_rel, assert_round_trip, assert_same_weights, float64_copy,
                       gamma)
 
-from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel
-from hf_ext.sr.modeling_sepconv_vae import SepConvAutoencoderKL
-from hf_ext.sr.pipeline_onestep_sr import OneStepSRPipeline
-from hf_ext.sr.tinysr import prune_student
-from hf_ext.sr.vae import remove_attention, to_sepconv_vae
-from hf_ext.sr.vae_pruning import channel_spaces, prune_vae_channels
+from hf_ext.sr.onestep.modeling_onestep_sr import OneStepSRTransformer2DModel
+from hf_ext.sr.onestep.modeling_sepconv_vae import SepConvAutoencoderKL
+from hf_ext.sr.onestep.pipeline_onestep_sr import OneStepSRPipeline
+from hf_ext.sr.tinysr.compress import prune_student
+from hf_ext.sr.tinysr.vae_compression import remove_attention, to_sepconv_vae
+from hf_ext.sr.tinysr.vae_channel_pruning import channel_spaces, prune_vae_channels
 from test_sr_onestep import tiny_transformer
 
 
@@ -165,7 +165,7 @@ def test_pipeline_refuses_bad_input(tmp_path):
 
 @pytest.mark.real                                                   # trains on scikit-image's photos
 def test_compress_tinysr_end_to_end_on_a_tiny_teacher(tmp_path):
-    from hf_ext.sr.tinysr import TinySRConfig, compress_tinysr, continue_distillation
+    from hf_ext.sr.tinysr.compress import TinySRConfig, compress_tinysr, continue_distillation
 
     teacher = tiny_teacher()
     before = {k: v.clone() for k, v in teacher.transformer.state_dict().items()}
@@ -253,7 +253,7 @@ def test_mixed_training_batches_draw_both_degradations():
 
 
 def test_distillation_can_hold_the_students_whole_path_to_the_teacher():
-    from hf_ext.sr.training import distill
+    from hf_ext.sr.tinysr.distillation import distill
 
     teacher = tiny_teacher()
     student = prune_student(teacher, [0, 2], vae_width=8)
@@ -274,3 +274,31 @@ def test_distillation_can_hold_the_students_whole_path_to_the_teacher():
     assert term > 0.05                                         # the student is not the teacher yet
     tol = gamma(6144) * (losses[0] + losses[1] + term) + 4 * U32 * losses[1]
     assert abs((losses[1] - losses[0]) - term) <= tol, (losses, term)
+
+
+def test_the_training_loops_run_through_a_given_accelerator():
+    from accelerate import Accelerator
+
+    from hf_ext.sr.onestep.training import train_onestep, train_vae
+    from hf_ext.sr.tinysr.depth_search import DepthSearchConfig, search_depth
+    from hf_ext.sr.tinysr.distillation import distill
+
+    class Counting(Accelerator):
+        def prepare(self, *args, **kwargs):
+            self.prepared.append(len(args))
+            return super().prepare(*args, **kwargs)
+
+    acc = Counting(cpu=True)
+    acc.prepared = []
+    teacher = tiny_teacher()
+    student = prune_student(teacher, [0, 2], vae_width=8)
+    up = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z = teacher.encode(up).detach()
+    distill(student, teacher, iter([(up, None, 2)]), steps=1, progress=False, accelerator=acc)
+    train_onestep(copy.deepcopy(teacher.transformer).requires_grad_(True), teacher.vae, iter([(up, up, 2)]), steps=1,
+                  progress=False, accelerator=acc)
+    train_vae(copy.deepcopy(student.vae).requires_grad_(True), iter([up]), steps=1, progress=False, accelerator=acc)
+    search_depth(copy.deepcopy(teacher.transformer).requires_grad_(True), [(z, z)],
+                 DepthSearchConfig(group_size=2, keep=1, steps=1), progress=False, accelerator=acc)
+    # fit prepares (model, optimizer, scheduler); the depth search (student, gates, optimizer): all four through acc
+    assert acc.prepared == [3, 3, 3, 3]

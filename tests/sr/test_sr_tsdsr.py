@@ -9,11 +9,11 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipe
 
 from numerics import ROUND_TRIP_RTOL64, assert_close_rel
 
-from hf_ext.sr.ops import wavelet_split_naive
-from hf_ext.sr.tiling import tsdsr_tile_starts, tsdsr_tile_weights, tsdsr_tiled
-from hf_ext.sr.modeling_onestep_sr import keep_blocks, precache
-from hf_ext.sr.tsdsr import (TRANSFORMER_TARGETS, VAE_TARGETS, TSDSRError, TSDSRPipeline, load_tsdsr_lora,
-                              onestep_from_sd3)
+from hf_ext.sr.onestep.ops import wavelet_split_naive
+from hf_ext.sr.onestep.tiling import tsdsr_tile_starts, tsdsr_tile_weights, tsdsr_tiled
+from hf_ext.sr.onestep.tsdsr import (TRANSFORMER_TARGETS, VAE_TARGETS, TSDSRError, TSDSRPipeline, load_tsdsr_lora,
+                                     onestep_from_sd3)
+from hf_ext.sr.tinysr.surgery import keep_blocks, precache
 
 pytestmark = pytest.mark.numerics   # rerun under another ATEN_CPU_CAPABILITY by `make test`
 
@@ -225,7 +225,7 @@ def test_tinysr_compresses_the_tsdsr_layout_end_to_end(tmp_path):
 
     from helpers import run_without_hf_ext
     from hf_ext.sr import OneStepSRPipeline, TinySRConfig, compress_tinysr
-    from hf_ext.sr.modeling_onestep_sr import drop_text_stream
+    from hf_ext.sr.tinysr.surgery import drop_text_stream
 
     root = write_release(tmp_path)
     teacher = TSDSRPipeline.from_tsdsr(root / "base", root / "lora", root / "embeds").to_onestep()

@@ -18,10 +18,9 @@ from safetensors.torch import load_file, save_file
 
 from hf_ext.data import DataFormatError, ShardedDataset, write_rows
 from hf_ext.errors import HfExtError, OutputExistsError
-from hf_ext.vit_hooks.sae import (SAEConfig, SAEError, SparseAutoencoder, geometric_median,
-                                  geometric_median_naive)
-from hf_ext.vit_hooks.sae_train import (SAETrainConfig, evaluate_sae, resample_dead_latents, split_indices,
-                                        train_sae)
+from hf_ext.vit_hooks.sae import (SAEConfig, SAEError, SAETrainConfig, SparseAutoencoder, evaluate_sae,
+                                  geometric_median, geometric_median_naive, resample_dead_latents, split_indices,
+                                  train_sae)
 
 ROOT = Path(__file__).resolve().parents[2]
 D_IN, ATOMS, ACTIVE, ROWS = 32, 64, 3, 8192
@@ -313,8 +312,7 @@ def test_train_sae_under_ddp_two_cpu_processes(store, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import json, torch
         from accelerate import Accelerator
-        from hf_ext.vit_hooks.sae import SAEConfig, SparseAutoencoder
-        from hf_ext.vit_hooks.sae_train import SAETrainConfig, train_sae
+        from hf_ext.vit_hooks.sae import SAEConfig, SAETrainConfig, SparseAutoencoder, train_sae
         acc = Accelerator(cpu=True)
         torch.manual_seed(0)
         sae = SparseAutoencoder(SAEConfig({D_IN}, 64, l1_coefficient=0.3))

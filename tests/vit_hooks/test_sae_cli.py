@@ -71,7 +71,7 @@ def test_splicing_an_identity_sae_recovers_everything():
 @pytest.mark.real
 def test_real_sae_on_minilm_activations_generalises(tmp_path):
     from hf_ext.vit_hooks import SAETrainConfig, cache_activations, evaluate_sae, text_batches, train_sae
-    from hf_ext.vit_hooks.models import load_hookable
+    from hf_ext.vit_hooks.loading import load_hookable
     from hf_ext.zoo import corpus_files
 
     h = load_hookable("minilm-l6")

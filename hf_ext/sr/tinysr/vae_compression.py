@@ -6,7 +6,7 @@
 - ``to_sepconv_vae``: every dense k x k conv becomes a depthwise-separable ``SepConv2d`` (k*k*in + in*out
   weights instead of k*k*in*out), initialized as the closest factorization of the dense weight; the result
   is a loadable ``SepConvAutoencoderKL``. ``replace_with_sepconv`` does the same in place on any module.
-- Channel pruning by importance is ``vae_pruning.prune_vae_channels``.
+- Channel pruning by importance is ``vae_channel_pruning.prune_vae_channels``.
 Each is approximate (except where noted in the tests), so distil or fine-tune afterwards.
 
 Example:
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .modeling_sepconv_vae import SepConv2d, SepConvAutoencoderKL, sepconv_targets
+from ..onestep.modeling_sepconv_vae import SepConv2d, SepConvAutoencoderKL, sepconv_targets
 from .ops import sepconv_factors
+from .surgery import rebuild
 
 
 def _check_vae(vae, what: str) -> None:
@@ -33,34 +34,16 @@ def _check_vae(vae, what: str) -> None:
         raise TypeError(f"{what} takes a diffusers AutoencoderKL, not {type(vae).__name__}")
 
 
-def _rebuilt(vae, cls=None, **config):
-    """A ``cls`` (default: ``vae``'s class) built from ``vae``'s config with ``config`` changed, holding every
-    weight of ``vae`` that it has (it must need no other)."""
-    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}
-    # cast before loading, so that a float64 VAE keeps its bits (loading into float32 would round them)
-    out = same_dtype((cls or type(vae)).from_config({**cfg, **config}).to(vae.device), vae)
-    state = out.state_dict()
-    missing = out.load_state_dict({k: v for k, v in vae.state_dict().items() if k in state}, strict=False).missing_keys
-    if missing:
-        raise RuntimeError(f"weights the new VAE needs but the original lacks: {missing}")
-    return out.train(vae.training)
-
-
-def same_dtype(module, like):
-    """``module`` in ``like``'s dtype (cast only when they differ; diffusers warns on every cast)."""
-    return module if module.dtype == like.dtype else module.to(dtype=like.dtype)
-
-
 @torch.no_grad()
 def remove_attention(vae):
     """A copy of ``vae`` without mid-block attention; every other weight is kept."""
     _check_vae(vae, "remove_attention")
-    return _rebuilt(vae, mid_block_add_attention=False)
+    return rebuild(vae, mid_block_add_attention=False)
 
 
 @torch.no_grad()
 def sepconv_from_conv(conv: torch.nn.Conv2d) -> SepConv2d:
-    """The SepConv closest to ``conv`` (per-input-channel rank-1 SVD, ``ops.sepconv_factors``)."""
+    """The SepConv closest to ``conv`` (per-input-channel rank-1 SVD, ``tinysr/ops.py``'s ``sepconv_factors``)."""
     sep = SepConv2d.like(conv)
     depthwise, pointwise = sepconv_factors(conv.weight)
     sep.depthwise.weight.copy_(depthwise)
@@ -85,9 +68,6 @@ def to_sepconv_vae(vae, min_kernel: int = 3) -> SepConvAutoencoderKL:
     _check_vae(vae, "to_sepconv_vae")
     if isinstance(vae, SepConvAutoencoderKL):
         raise ValueError("this VAE is already a SepConvAutoencoderKL")
-    dense = _rebuilt(vae, type(vae))                                   # a copy, so ``vae`` stays untouched
+    dense = rebuild(vae)                                               # a copy, so ``vae`` stays untouched
     replace_with_sepconv(dense, min_kernel)
-    cfg = {k: v for k, v in dense.config.items() if not k.startswith("_")}
-    out = same_dtype(SepConvAutoencoderKL.from_config({**cfg, "sepconv_min_kernel": min_kernel}).to(vae.device), vae)
-    out.load_state_dict(dense.state_dict())
-    return out.train(vae.training)
+    return rebuild(dense, SepConvAutoencoderKL, sepconv_min_kernel=min_kernel)

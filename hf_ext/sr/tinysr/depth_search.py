@@ -1,6 +1,7 @@
 """TinySR depth pruning: search which transformer blocks to keep while the student keeps training.
 
-TinySR (2025) learns the block mask m of x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i (TinyFusion's recipe):
+TinySR (2025, https://arxiv.org/abs/2508.17434) learns the block mask m of
+x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i (TinyFusion's recipe):
 - **Dynamic Inter-block Activation.** The blocks are cut into groups of ``group_size`` consecutive blocks,
   each keeping ``keep``. A group has logits over its C(group_size, keep) options; every step draws a hard
   Gumbel-softmax sample (straight-through: discrete in the forward pass, the soft probabilities carry
@@ -10,7 +11,8 @@ TinySR (2025) learns the block mask m of x_{i+1} = m_i * block_i(x_i) + (1 - m_i
   intersection (keep - 1: corrosion). A 3-way gate per pair chooses: A corrodes and B expands, both keep
   their sample, or A expands and B corrodes. A block can thus move between neighbouring groups while the
   pair keeps 2 * keep blocks, so the total stays N = groups * keep.
-- After the search, ``keep_indices`` reads the most likely choice and ``keep_blocks`` builds the smaller model.
+- After the search, ``keep_indices`` reads the most likely choice and ``surgery.keep_blocks`` builds the smaller
+  model.
 
 Example:
     >>> gates = BlockGates(num_blocks=8, group_size=4, keep=2)
@@ -91,9 +93,10 @@ class DepthSearchConfig:
     tau_end: float = 0.1
 
 
-def search_depth(student, batches, config: DepthSearchConfig, progress: bool = True):
+def search_depth(student, batches, config: DepthSearchConfig, progress: bool = True, accelerator=None):
     """Train ``student`` (a ``OneStepSRTransformer2DModel``) under sampled block masks on (input, target)
-    latent pairs from ``batches`` (cycled; targets from the teacher), L1 loss, through accelerate.
+    latent pairs from ``batches`` (cycled; targets from the teacher), L1 loss, through ``accelerator``
+    (default: a new ``Accelerator()``).
 
     Returns (keep indices, gates, log). Build the pruned model with ``keep_blocks(student, keep)``.
     """
@@ -107,7 +110,7 @@ def search_depth(student, batches, config: DepthSearchConfig, progress: bool = T
     groups = [{"params": list(gates.parameters()), "lr": c.gate_lr}]
     if c.lr > 0:
         groups.append({"params": [p for p in student.parameters() if p.requires_grad], "lr": c.lr})
-    acc = Accelerator()
+    acc = accelerator or Accelerator()
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     student, gates, opt = acc.prepare(student, gates, opt)
     student.train()

@@ -5,7 +5,7 @@ attention removal and SepConv: a k x k depthwise conv (one filter per input chan
 mix, k*k*in + in*out weights instead of k*k*in*out. ``SepConvAutoencoderKL`` is that VAE as a loadable class:
 its config records ``sepconv_min_kernel`` and the swap happens in ``__init__``, so ``save_pretrained`` /
 ``from_pretrained`` round-trip it. This file imports only torch and diffusers, so a saved pipeline can ship it
-as remote code. Build one from a trained VAE with ``hf_ext.sr.vae.to_sepconv_vae``.
+as remote code. Build one from a trained VAE with ``hf_ext.sr.tinysr.vae_compression.to_sepconv_vae``.
 
 Example:
     >>> vae = SepConvAutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

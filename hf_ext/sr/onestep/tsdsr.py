@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SD3Transformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 
-from ..errors import HfExtError
+from ...errors import HfExtError
 from .pipeline_onestep_sr import COLOR_FIXES, OneStepSRPipeline
 from .tiling import open_images, tsdsr_tiled
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .surgery import rebuild
+
 SUPPORTED = "diffusers AutoencoderKL (DownEncoderBlock2D / UpDecoderBlock2D, ResNet blocks, mid-block attention)"
 
 
@@ -145,8 +147,6 @@ def prune_vae_channels(vae, width: int):
     from diffusers import AutoencoderKL
     from diffusers.models.attention_processor import Attention
 
-    from .vae import same_dtype
-
     if not isinstance(vae, AutoencoderKL) or type(vae) is not AutoencoderKL:
         raise TypeError(f"prune_vae_channels takes a dense {SUPPORTED}, not {type(vae).__name__}; prune before "
                         "converting to SepConv")
@@ -155,9 +155,8 @@ def prune_vae_channels(vae, width: int):
     if not 0 < width <= c0 or any(w != int(w) for w in widths) or (groups * width) % c0:
         raise ValueError(f"width={width}: give a first-block width in (0, {c0}] that scales every block width "
                          f"{tuple(vae.config.block_out_channels)} and the {groups} GroupNorm groups to whole numbers")
-    cfg = {k: v for k, v in vae.config.items() if not k.startswith("_")}  # (keeps values set after init)
-    student = same_dtype(AutoencoderKL.from_config({**cfg, "block_out_channels": tuple(int(w) for w in widths),
-                                                    "norm_num_groups": groups * width // c0}).to(vae.device), vae)
+    student = rebuild(vae, weights=False, block_out_channels=tuple(int(w) for w in widths),
+                      norm_num_groups=groups * width // c0)                # filled below, from the kept channels
     big, small = channel_spaces(vae), channel_spaces(student)
     scores = channel_importance(vae, big)
     keep = [_keep(s, n, g).to(vae.device) for s, n, g in zip(scores, small.sizes, big.groups)]
@@ -174,4 +173,4 @@ def prune_vae_channels(vae, width: int):
             if a.to_q.bias is not None:
                 state[f"{name}.to_q.bias"] = state[f"{name}.to_q.bias"] * ratio
     student.load_state_dict(state)                                 # (in vae's dtype: float64 keeps its bits)
-    return student.train(vae.training)
+    return student

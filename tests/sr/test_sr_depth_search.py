@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from hf_ext.sr.modeling_onestep_sr import OneStepSRTransformer2DModel, keep_blocks
-from hf_ext.sr.pruning import BlockGates, DepthSearchConfig, search_depth
+from hf_ext.sr.onestep.modeling_onestep_sr import OneStepSRTransformer2DModel
+from hf_ext.sr.tinysr.depth_search import BlockGates, DepthSearchConfig, search_depth
+from hf_ext.sr.tinysr.surgery import keep_blocks
 
 
 def test_sampled_masks_are_binary_keep_n_blocks_and_train_the_gates():

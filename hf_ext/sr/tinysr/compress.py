@@ -1,19 +1,20 @@
 """TinySR (https://arxiv.org/abs/2508.17434): compress a one-step SR teacher pipeline into a student.
 
 Steps, each a tested pure function or a training loop through accelerate:
-1. **Depth search** (``pruning.search_depth``): a copy of the teacher's transformer trains under sampled block
-   masks (Dynamic Inter-block Activation + Expansion-Corrosion) to reproduce the teacher's one-step latents;
-   the most likely mask names the ``keep_blocks`` blocks that survive.
-2. **Prune** (``prune_student``): ``keep_blocks`` makes the transformer really shorter, and
-   ``drop_text_stream`` (with ``drop_text_stream=True``) removes its prompt tokens; the VAE is channel-pruned
-   by importance to ``vae_width``, its attention removed and its k x k convs made SepConv. The latent space is
-   the teacher's, so the teacher's latents stay valid targets. Works on a converted TSD-SR teacher
-   (``TSDSRPipeline.to_onestep()``), whose latent math the student keeps.
-3. **Distil** (``training.distill``): the student's one step learns the teacher's latents, its decoder the
+1. **Depth search** (``depth_search.search_depth``): a copy of the teacher's transformer trains under sampled
+   block masks (Dynamic Inter-block Activation + Expansion-Corrosion) to reproduce the teacher's one-step
+   latents; the most likely mask names the ``keep_blocks`` blocks that survive.
+2. **Prune** (``prune_student``): ``surgery.keep_blocks`` makes the transformer really shorter, and
+   ``surgery.drop_text_stream`` (with ``drop_text_stream=True``) removes its prompt tokens; the VAE is
+   channel-pruned (``vae_channel_pruning``) by importance to ``vae_width``, its attention removed and its k x k
+   convs made SepConv (``vae_compression``). The latent space is the teacher's, so the teacher's latents stay
+   valid targets. Works on a converted TSD-SR teacher (``TSDSRPipeline.to_onestep()``), whose latent math the
+   student keeps.
+3. **Distil** (``distillation.distill``): the student's one step learns the teacher's latents, its decoder the
    teacher's images, on the train photos. The teacher labels every input, so the LR can come from any
    degradation; the default mixes the Real-ESRGAN-style one with clean bicubic downscaling, so that the student
    follows the teacher on both.
-4. **Pre-cache** (``precache``): the time and prompt embeddings and every AdaLN modulation become stored
+4. **Pre-cache** (``surgery.precache``): the time and prompt embeddings and every AdaLN modulation become stored
    buffers, and the modules that made them are dropped (bit-identical).
 
 Example:
@@ -28,14 +29,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import BadConfigError
-from .data import DEGRADATIONS, sr_batches
-from .modeling_onestep_sr import drop_text_stream, keep_blocks, precache
-from .pipeline_onestep_sr import OneStepSRPipeline
-from .pruning import DepthSearchConfig, search_depth
-from .training import distill, latents
-from .vae import remove_attention, to_sepconv_vae
-from .vae_pruning import prune_vae_channels
+from ...errors import BadConfigError
+from ..data import DEGRADATIONS, sr_batches
+from ..onestep.pipeline_onestep_sr import OneStepSRPipeline
+from ..onestep.training import latents
+from .depth_search import DepthSearchConfig, search_depth
+from .distillation import distill
+from .surgery import drop_text_stream, keep_blocks, precache
+from .vae_channel_pruning import prune_vae_channels
+from .vae_compression import remove_attention, to_sepconv_vae
 
 
 @dataclass
@@ -88,33 +90,34 @@ def check_config(teacher, c: TinySRConfig) -> int:
     return c.keep_blocks // groups
 
 
-def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: bool = True):
-    """Search, prune, distil and pre-cache: returns (student pipeline, log)."""
+def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: bool = True, accelerator=None):
+    """Search, prune, distil and pre-cache: returns (student pipeline, log). Both loops train through
+    ``accelerator`` (default: a new ``Accelerator()`` each)."""
     c = config
     per_group = check_config(teacher, c)
     teacher.vae.requires_grad_(False).eval()
     teacher.transformer.requires_grad_(False).eval()
     scales = tuple(teacher.transformer.config.trained_upscales or (4,))
-    sigma = teacher.transformer.config.timestep / 1000
     torch.manual_seed(c.seed)
 
     def latent_pairs():                                              # (z_lr, the teacher's one-step latent)
         for up, _, _ in sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed, degrade=c.degrade):
             with torch.no_grad():                                    # (not around the yield: it would leak)
                 z = latents(teacher.vae, up.to(teacher.device), teacher.config.latent_math)
-                target = z - sigma * teacher.transformer(z)
+                target = z - teacher.transformer.sigma * teacher.transformer(z)
             yield z, target
 
     searched = copy.deepcopy(teacher.transformer).requires_grad_(True)
     search = DepthSearchConfig(group_size=c.group_size, keep=per_group, steps=c.search_steps, lr=c.lr)
-    keep, gates, search_log = search_depth(_OneStep(searched, sigma), latent_pairs(), search, progress)
+    keep, gates, search_log = search_depth(_OneStep(searched), latent_pairs(), search, progress,
+                                           accelerator=accelerator)
     student = prune_student(OneStepSRPipeline(vae=teacher.vae, transformer=searched, latent_math=teacher.config.latent_math),
                             keep, c.vae_width, c.sepconv, text_stream=not c.drop_text_stream)
     student.vae.requires_grad_(True)
     student.transformer.requires_grad_(True)
     batches = sr_batches("train", c.crop, c.batch_size, scales, seed=c.seed + 1, degrade=c.degrade)
     distill_log = distill(student, teacher, batches, c.distill_steps, lr=c.lr, output_weight=c.output_weight,
-                          progress=progress)
+                          progress=progress, accelerator=accelerator)
     student = OneStepSRPipeline(vae=student.vae.eval(), transformer=precache(student.transformer).eval(),
                                 latent_math=student.config.latent_math)
     return student, {"config": asdict(c), "keep": keep, "search_final_loss": search_log["final_loss"],
@@ -122,9 +125,10 @@ def compress_tinysr(teacher: OneStepSRPipeline, config: TinySRConfig, progress: 
 
 
 def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline, config: TinySRConfig,
-                          progress: bool = True):
+                          progress: bool = True, accelerator=None):
     """More distillation steps (``config.distill_steps``) for an already compressed ``student``: the structure,
-    the kept blocks and the pre-cached modulations stay; every other weight trains. Returns (student, log)."""
+    the kept blocks and the pre-cached modulations stay; every other weight trains, through ``accelerator``
+    (default: a new ``Accelerator()``). Returns (student, log)."""
     if not student.transformer.config.precached:
         raise BadConfigError("the student is not pre-cached; compress it with compress_tinysr first")
     teacher.vae.requires_grad_(False).eval()
@@ -136,7 +140,7 @@ def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline
     student.transformer.requires_grad_(True)
     batches = sr_batches("train", config.crop, config.batch_size, scales, seed=seed, degrade=config.degrade)
     log = distill(student, teacher, batches, config.distill_steps, lr=config.lr,
-                  output_weight=config.output_weight, progress=progress)
+                  output_weight=config.output_weight, progress=progress, accelerator=accelerator)
     student.vae.eval()
     student.transformer.eval()
     return student, {"config": asdict(config), "continued": True, "distill_final_loss": log["final_loss"],
@@ -144,11 +148,12 @@ def continue_distillation(student: OneStepSRPipeline, teacher: OneStepSRPipeline
 
 
 class _OneStep(torch.nn.Module):
-    """z -> z - sigma * v(z, mask): what the depth search fits to the teacher's one-step latents."""
+    """z -> z - sigma * v(z, mask), with the transformer's ``sigma``: what the depth search fits to the teacher's
+    one-step latents (it passes ``block_mask``)."""
 
-    def __init__(self, transformer, sigma: float):
+    def __init__(self, transformer):
         super().__init__()
-        self.transformer, self.sigma = transformer, sigma
+        self.transformer = transformer
 
     @property
     def config(self):
@@ -159,4 +164,4 @@ class _OneStep(torch.nn.Module):
         return self.transformer.device
 
     def forward(self, z, block_mask=None):
-        return z - self.sigma * self.transformer(z, block_mask=block_mask)
+        return z - self.transformer.sigma * self.transformer(z, block_mask=block_mask)

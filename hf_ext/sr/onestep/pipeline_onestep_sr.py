@@ -1,7 +1,7 @@
 """``OneStepSRPipeline``: LR image -> VAE encode -> one transformer step -> VAE decode (TSD-SR / TinySR).
 
 The LR image is upsampled (bicubic) to the output size and encoded; its latent z_lr is the noisy latent
-of the transformer's fixed timestep (sigma = timestep / 1000, flow matching), so one velocity prediction
+of the transformer's fixed timestep (``transformer.sigma``, flow matching), so one velocity prediction
 gives z_hr = z_lr - sigma * v(z_lr), which is decoded. Large images are processed in overlapping LR tiles,
 blended without seams (``tiling.py``), and the colours are taken from the upsampled LR image
 (``color_fix="wavelet"`` or ``"adain"``, ``ops.py``). The fixed prompt and timestep live in the
@@ -49,7 +49,8 @@ def unscale_latents(z: torch.Tensor, vae_config, latent_math: str = "hf-ext") ->
 def add_remote_code(folder: str | Path) -> None:
     """Make a saved pipeline folder load where hf-ext is not installed: copy this file and the files it imports
     beside ``model_index.json`` and each custom component's modeling file into its folder, and name them there
-    (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``)."""
+    (``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``). The copied files sit together in
+    this folder (``hf_ext/sr/onestep/``) and import only each other, torch and diffusers."""
     folder = Path(folder)
     index = json.loads((folder / "model_index.json").read_text())
     for name in ("pipeline_onestep_sr.py", "modeling_onestep_sr.py", "modeling_sepconv_vae.py", "ops.py", "tiling.py"):
@@ -122,7 +123,7 @@ class OneStepSRPipeline(DiffusionPipeline):
 
     def step(self, z_lr: torch.Tensor) -> torch.Tensor:
         """z_hr = z_lr - sigma * v(z_lr), the one step."""
-        return z_lr - self.transformer.config.timestep / 1000 * self.transformer(z_lr)
+        return z_lr - self.transformer.sigma * self.transformer(z_lr)
 
     def upscale_tile(self, lr: torch.Tensor, upscale: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """LR (B, 3, h, w) in [-1, 1] -> SR (B, 3, s*h, s*w), padded inside to the latent grid."""

@@ -150,8 +150,8 @@ def from_ncnn(param_path: str | os.PathLike, bin_path: str | os.PathLike) -> RRD
 def upscaler_folder(name: str):
     """The diffusers model folder of zoo upscaler ``name``: converted once from the wheel's ncnn files into
     ``$HF_EXT_CACHE/<name>`` (atomically), then reused."""
-    from ..hub import save_converted
-    from ..zoo import MODELS, package_dir, cache_dir
+    from ...hub import save_converted
+    from ...zoo import MODELS, package_dir, cache_dir
 
     m = MODELS.get(name)
     if m is None or m.kind != "ncnn":

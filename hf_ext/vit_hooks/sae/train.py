@@ -1,16 +1,18 @@
-"""Train and evaluate SAEs on an hf-ext activation store, through ``accelerate``.
+"""``SAETrainConfig`` and ``train_sae``: train an SAE on an hf-ext activation store, through
+``accelerate``; plus ``resample_dead_latents``, which the loop uses.
 
-Recipe (papers in ``hf_ext.vit_hooks.sae``): inputs scaled so E||x|| = sqrt(d_in) and the scale folded
+Recipe (papers in ``modeling_sae``): inputs scaled so E||x|| = sqrt(d_in) and the scale folded
 into the weights at the end (April update); b_dec = geometric median of a sample (Bricken et al.); Adam with
 a linear lr warmup and a linear decay over the last 20% (April update); the sparsity coefficient warmed up
 linearly; gradient clipping; decoder rows kept at unit norm (gradient projection + renormalisation, Gao et al.);
 dead latents resampled toward badly reconstructed inputs with their Adam state reset (Bricken et al.).
 
-Held-out rows: record ``i`` of the store is an eval row when ``i % eval_every == 0``; it is never trained on.
+Held-out rows (``evaluate.split_indices``): record ``i`` of the store is an eval row when
+``i % eval_every == 0``; it is never trained on.
 
 Example:
     >>> from hf_ext.vit_hooks.sae import SAEConfig
-    >>> from hf_ext.vit_hooks.sae_train import SAETrainConfig, train_sae
+    >>> from hf_ext.vit_hooks.sae.train import SAETrainConfig, train_sae
     >>> sae, log = train_sae("acts/", SAEConfig(d_in=768, d_sae=16384, architecture="topk", k=32),
     ...                      SAETrainConfig(total_rows=50_000_000))  # doctest: +SKIP
     >>> log["eval"]["explained_variance"], log["eval"]["l0"]  # doctest: +SKIP
@@ -27,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import DataFormatError, Loader, ShardedDataset
-from .sae import SAEConfig, SAEError, SparseAutoencoder
+from ...data import DataFormatError, Loader, ShardedDataset
+from .configuration_sae import SAEConfig, SAEError
+from .evaluate import evaluate_sae, open_activations, read_rows, split_indices
+from .modeling_sae import SparseAutoencoder
 
 
 @dataclass
@@ -101,70 +105,6 @@ class _Rows:
         return self.ds.__getitems__(self.indices[np.asarray(idx, np.int64)])
 
 
-def open_activations(store, d_in: int, field: str = "activations") -> ShardedDataset:
-    """The store, after checking it holds ``field`` rows of width ``d_in`` (else a ``DataFormatError``)."""
-    ds = store if isinstance(store, ShardedDataset) else ShardedDataset(store)
-    by_name = {f.name: f for f in ds.fields}
-    if field not in by_name:
-        raise DataFormatError(f"store {ds.root} has no field '{field}' (it has {sorted(by_name)}); pass "
-                              f"SAETrainConfig(field=...) or write it with write_rows(..., name='{field}')")
-    shape = by_name[field].shape
-    if by_name[field].variable or len(shape) != 1 or shape[0] != d_in:
-        raise DataFormatError(f"store {ds.root} holds {field} of shape {shape}, the SAE expects d_in={d_in}; "
-                              f"set SAEConfig(d_in={shape[0] if len(shape) == 1 else '...'}) or point at a store "
-                              f"of a hook point of width {d_in} (rows of shape ({d_in},))")
-    return ds
-
-
-def split_indices(n: int, eval_every: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) record indices: eval = {i : i % eval_every == 0}; disjoint, together range(n)."""
-    idx = np.arange(n, dtype=np.int64)
-    if eval_every == 0:
-        return idx, idx[:0]
-    held = idx % eval_every == 0
-    return idx[~held], idx[held]
-
-
-def _read(ds, indices, field: str, chunk: int = 65536):
-    for s in range(0, len(indices), chunk):
-        yield ds.__getitems__(np.sort(indices[s:s + chunk]))[field].float()
-
-
-@torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, rows_or_store, field: str = "activations", indices=None,
-                 batch_size: int = 4096) -> dict:
-    """Reconstruction and sparsity on rows: a tensor (N, d_in), a store path or a ShardedDataset (``indices``
-    picks records).
-
-    Returns ``explained_variance`` = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2, ``l0`` = mean active
-    latents per row, ``dead_fraction`` = share of latents that never fire on these rows, ``mse`` = mean
-    squared error per element, ``rows``.
-    """
-    if isinstance(rows_or_store, torch.Tensor):
-        chunks = rows_or_store.reshape(-1, rows_or_store.shape[-1]).float().split(batch_size)
-    else:
-        ds = open_activations(rows_or_store, sae.config.d_in, field)
-        idx = np.arange(len(ds)) if indices is None else np.asarray(indices, np.int64)
-        chunks = (c for big in _read(ds, idx, field) for c in big.split(batch_size))
-    dev = sae.W_enc.device
-    n, sse, s1, s2, active = 0, 0.0, 0.0, 0.0, 0.0
-    fired = torch.zeros(sae.config.d_sae, dtype=torch.bool, device=dev)
-    for x in chunks:
-        x = x.to(dev)                                                     # (B, d_in)
-        f = sae.encode(x)                                                 # (B, d_sae)
-        x_hat = sae.decode(f).float()
-        xd = x.double()
-        sse += float((x_hat.double() - xd).pow(2).sum())
-        s1, s2 = s1 + xd.sum(0), s2 + float(xd.pow(2).sum())
-        active += float((f != 0).sum())
-        fired |= (f != 0).any(0)
-        n += len(x)
-    if n == 0:
-        raise SAEError("no rows to evaluate; give at least one row (is eval_every 0 or the store empty?)")
-    sst = s2 - float((s1 * s1).sum()) / n                                 # sum ||x - mean||^2
-    return {"explained_variance": 1 - sse / max(sst, 1e-30), "l0": active / n,
-            "dead_fraction": float((~fired).float().mean()), "mse": sse / (n * sae.config.d_in), "rows": n}
-
 
 @torch.no_grad()
 def resample_dead_latents(sae: SparseAutoencoder, dead: torch.Tensor, pool: torch.Tensor, optimizer=None,
@@ -205,6 +145,58 @@ def _lr_factor(step: int, steps: int, tc: SAETrainConfig) -> float:
     return factor * min(1.0, (steps - step) / (steps - decay_start)) if step >= decay_start else factor
 
 
+
+def _with_provenance(sae_config: SAEConfig, prov: dict) -> SAEConfig:
+    """``sae_config`` with an empty ``hook_name``/``model_name`` (and ``cls_only``) taken from the store header."""
+    return dataclasses.replace(sae_config, hook_name=sae_config.hook_name or prov.get("hook_name", ""),
+                               model_name=sae_config.model_name or prov.get("model", ""),
+                               metadata={**({"cls_only": prov["cls_only"]} if "cls_only" in prov else {}),
+                                         **sae_config.metadata})
+
+
+def _initial_sae(sae: SparseAutoencoder | None, sae_config: SAEConfig, sample: torch.Tensor, scale: float,
+                 seed: int) -> SparseAutoencoder:
+    """The float32 SAE training starts from, taking ``scale * x``: a fresh one (seeded) or ``sae`` continued;
+    b_dec at the geometric median of the scaled ``sample`` (N, d_in) unless ``sae`` already has one."""
+    torch.manual_seed(seed)
+    if sae is None:
+        sae = SparseAutoencoder(dataclasses.replace(sae_config, dtype="float32"))
+        sae.init_b_dec_geometric_median(sample * scale)
+    else:
+        sae = sae.float()
+        sae.fold_activation_scale(1 / scale)
+        if not sae.b_dec.any():  # a fresh SAE: uncentred inputs make new and resampled latents die at once
+            sae.init_b_dec_geometric_median(sample * scale)
+    sae.config = dataclasses.replace(sae.config, hook_name=sae_config.hook_name, model_name=sae_config.model_name,
+                                     metadata=sae_config.metadata)
+    return sae
+
+
+def _optimizer_step(acc, model, sae: SparseAutoencoder, opt, x: torch.Tensor, dead_mask: torch.Tensor,
+                    sparsity_scale: float, max_grad_norm: float) -> dict:
+    """One Adam step on the scaled batch ``x`` (B, d_in) with decoder rows kept at unit norm (Gao et al.);
+    returns the forward's dict (``forward_with_loss``). ``model`` is ``sae`` as ``acc.prepare`` wrapped it."""
+    out = model(x, with_loss=True, dead_mask=dead_mask, sparsity_scale=sparsity_scale)
+    acc.backward(out["loss"])
+    with torch.no_grad():  # drop the part of each decoder gradient that would change its norm
+        W, G = sae.W_dec, sae.W_dec.grad                                      # (d_sae, d_in)
+        G -= (G * W).sum(1, keepdim=True) * W / W.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
+    if max_grad_norm:
+        acc.clip_grad_norm_(model.parameters(), max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return out
+
+
+def _finished_sae(sae: SparseAutoencoder, scale: float, dtype: str) -> SparseAutoencoder:
+    """The trained SAE made to take raw activations (scale folded in), in ``dtype``, in eval mode."""
+    sae.fold_activation_scale(scale)
+    sae.to(getattr(torch, dtype))
+    sae.config = dataclasses.replace(sae.config, dtype=dtype)
+    return sae.eval()
+
+
 def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig | None = None, accelerator=None,
               progress: bool = True, sae: SparseAutoencoder | None = None):
     """Train an SAE on a store's ``field`` rows; returns ``(sae, log)``.
@@ -221,6 +213,9 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
     The log holds ``steps``, ``rows``, ``seconds``, ``train_rows``, ``eval_rows``, ``activation_scale``,
     ``resampled``, ``history`` and the ``train`` / ``eval`` metrics of ``evaluate_sae`` (train: on the
     ``init_rows`` sample).
+
+    Longer than 80 lines on purpose: the setup and the optimiser step are helpers, but the training loop
+    stays whole so the order of each step (lr, update, dead-latent count, resampling, log) reads top to bottom.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -233,11 +228,7 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
     if sae_config is None:
         raise SAEError("train_sae needs an SAEConfig (or an SAE to continue, sae=...)")
     ds = open_activations(store, sae_config.d_in, tc.field)
-    prov = ds.provenance
-    sae_config = dataclasses.replace(sae_config, hook_name=sae_config.hook_name or prov.get("hook_name", ""),
-                                     model_name=sae_config.model_name or prov.get("model", ""),
-                                     metadata={**({"cls_only": prov["cls_only"]} if "cls_only" in prov else {}),
-                                               **sae_config.metadata})
+    sae_config = _with_provenance(sae_config, ds.provenance)
     acc = accelerator or Accelerator()
     world, start = acc.num_processes, time.perf_counter()
     train_idx, eval_idx = split_indices(len(ds), tc.eval_every)
@@ -249,21 +240,10 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
     # the same sample, init and seed on every rank, so the replicas start equal
     rng = np.random.default_rng(tc.seed)
     sample_idx = np.sort(rng.choice(train_idx, min(tc.init_rows, len(train_idx)), replace=False))
-    sample = next(_read(ds, sample_idx, tc.field, chunk=len(sample_idx)))      # (S, d_in) float32, raw
+    sample = next(read_rows(ds, sample_idx, tc.field, chunk=len(sample_idx)))  # (S, d_in) float32, raw
     scale = float(math.sqrt(sae_config.d_in) / sample.norm(dim=1).mean().clamp_min(1e-12)) \
         if tc.normalize_activations else 1.0
-    torch.manual_seed(tc.seed)
-    if sae is None:
-        sae = SparseAutoencoder(dataclasses.replace(sae_config, dtype="float32"))
-        sae.init_b_dec_geometric_median(sample * scale)
-    else:
-        sae = sae.float()
-        sae.fold_activation_scale(1 / scale)
-        if not sae.b_dec.any():  # a fresh SAE: uncentred inputs make new and resampled latents die at once
-            sae.init_b_dec_geometric_median(sample * scale)
-    sae.config = dataclasses.replace(sae.config, hook_name=sae_config.hook_name, model_name=sae_config.model_name,
-                                     metadata=sae_config.metadata)
-    sae.to(acc.device)
+    sae = _initial_sae(sae, sae_config, sample, scale, tc.seed).to(acc.device)
     pool = (sample * scale).to(acc.device)
     opt = torch.optim.Adam(sae.parameters(), lr=tc.lr, betas=tc.adam_betas)
     model, opt = acc.prepare(sae, opt)
@@ -280,16 +260,7 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
                 g["lr"] = tc.lr * _lr_factor(step, steps, tc)
             warm = min(1.0, (step + 1) / max(1.0, tc.sparsity_warmup_fraction * steps))
             x = batch[tc.field].float() * scale                                  # (B, d_in)
-            out = model(x, with_loss=True, dead_mask=since_fired >= tc.dead_window, sparsity_scale=warm)
-            acc.backward(out["loss"])
-            with torch.no_grad():  # drop the part of each decoder gradient that would change its norm
-                W, G = sae.W_dec, sae.W_dec.grad                                  # (d_sae, d_in)
-                G -= (G * W).sum(1, keepdim=True) * W / W.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
-            if tc.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.normalize_decoder()
+            out = _optimizer_step(acc, model, sae, opt, x, since_fired >= tc.dead_window, warm, tc.max_grad_norm)
             fired = acc.reduce((out["feature_acts"].detach() != 0).any(0).float(), "sum") > 0  # (d_sae,)
             since_fired = torch.where(fired, 0, since_fired + 1)
             step += 1
@@ -306,11 +277,7 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
             if step == steps:
                 break
     bar.close()
-    sae = acc.unwrap_model(model)
-    sae.fold_activation_scale(scale)
-    sae.to(getattr(torch, sae_config.dtype))
-    sae.config = dataclasses.replace(sae.config, dtype=sae_config.dtype)
-    sae.eval()
+    sae = _finished_sae(acc.unwrap_model(model), scale, sae_config.dtype)
     held = eval_idx if tc.eval_max_rows is None else eval_idx[:tc.eval_max_rows]
     log = {"architecture": sae_config.architecture, "steps": steps, "rows": steps * tc.batch_size * world,
            "train_rows": len(train_idx), "eval_rows": len(held), "activation_scale": scale,
@@ -320,5 +287,4 @@ def train_sae(store, sae_config: SAEConfig | None, train_config: SAETrainConfig 
     return sae, log
 
 
-__all__ = ["SAETrainConfig", "evaluate_sae", "open_activations", "resample_dead_latents", "split_indices",
-           "train_sae"]
+__all__ = ["SAETrainConfig", "resample_dead_latents", "train_sae"]
