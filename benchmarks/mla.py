@@ -47,6 +47,16 @@ def ppl(model, ids, window=512):
     return math.exp(total / count)
 
 
+def add_data_args(ap) -> None:
+    """The options ``load`` reads: the model and the calibration / training / held-out token counts."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--random-init", action="store_true", help="real config, random weights (speed/memory only)")
+    ap.add_argument("--ids", help="a torch file with calib/train/eval token ids (machines without the corpus)")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--distill-tokens", type=int, default=131072, help="training tokens to load")
+
+
 def load(args):
     from transformers import AutoModelForCausalLM
 
@@ -231,16 +241,11 @@ def section_speed(src, data, args, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--random-init", action="store_true", help="real config, random weights (speed/memory only)")
-    ap.add_argument("--ids", help="a torch file with calib/train/eval token ids (machines without the corpus)")
+    add_data_args(ap)
     ap.add_argument("--sections", default="quality,distill,memory,speed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mixed-precision", default="no")
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--distill-tokens", type=int, default=131072)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_ext.mla import UpcycleConfig, upcycle_to_mla  # noqa: E402
 from hf_ext.mla.distill import DistillConfig, distill  # noqa: E402
-from mla import load, ppl  # noqa: E402
+from mla import add_data_args, load, ppl  # noqa: E402
 from run_all import save_result  # noqa: E402
 
 RECIPES = {
@@ -51,16 +51,11 @@ def run(mla0, src, data, recipe: dict, tokens: int, seed: int, mixed_precision: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ids", help="a torch file with calib/train/eval token ids (as benchmarks/mla.py)")
+    add_data_args(ap)
     ap.add_argument("--recipes", default="today")
     ap.add_argument("--tokens", default="32768")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--mixed-precision", default="bf16")
-    ap.add_argument("--calib-tokens", type=int, default=16384)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--distill-tokens", type=int, default=131072, help="training tokens to load (the longest run)")
-    ap.add_argument("--random-init", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla_distill_stability.json"))
     args = ap.parse_args()
     args.distill_tokens = max(args.distill_tokens, *map(int, args.tokens.split(",")))
