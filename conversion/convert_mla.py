@@ -47,6 +47,9 @@ def arguments(p) -> None:
     p.add_argument("--train-store", help="distil on an hf-ext token store instead of --train-text "
                    "(`hf-ext data tokens --window SEQ_LEN`): memory-mapped, read by the fast loader")
     add_field(p, D, "lr", help="distillation peak learning rate (chosen on a train-split validation)")
+    add_field(p, D, "warmup_steps", help="linear warmup, in optimiser steps (not a fraction of the run)")
+    add_field(p, D, "spike_guard", type=float, help="restore the last good state and halve the lr when a step's loss "
+              "exceeds this multiple of the recent median (0: off)")
     add_field(p, D, "seq_len")
     add_field(p, D, "batch_size")
     add_field(p, D, "checkpoint_dir", help="save/resume distillation state here")
@@ -89,10 +92,12 @@ def run(args) -> None:
     if args.distill_tokens > 0:
         train_ids = store or tokenize(tok, load_corpus(args.train_text), args.distill_tokens + args.calib_tokens)
         log = distill(mla, model, train_ids, DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len,
-                      batch_size=args.batch_size, lr=args.lr, checkpoint_dir=args.checkpoint_dir,
+                      batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+                      spike_guard=args.spike_guard or None, checkpoint_dir=args.checkpoint_dir,
                       norm_anneal=args.norm_anneal))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
                       distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"],
+                      distill_restores=len(log["restores"]),
                       **({"norm_anneal": log["norm_anneal"]} if log["norm_anneal"] else {}))
     result.update({k: figures[k] for k in ("kv_bytes_per_token_source", "kv_bytes_per_token")})
     result.update({k: report[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "rope_key_sharing", "rope_rotation",

@@ -29,7 +29,15 @@ class DistillConfig:
     """Args:
     tokens: training tokens in total (steps = tokens // (seq_len * batch_size)).
     seq_len / batch_size: window length and windows per step (per process).
-    lr / warmup: AdamW peak learning rate, cosine-decayed after ``warmup`` fraction of steps.
+    lr / warmup_steps: AdamW peak learning rate, reached linearly over ``warmup_steps`` optimiser steps and then
+        cosine-decayed to 0 at the end. The warmup is a number of steps, not a fraction of the run: it lets
+        Adam's moment estimates settle (its first update moves every weight by about ``lr`` whatever its
+        gradient), which takes steps, and a short run then starts exactly as a long one does.
+    max_grad_norm: the gradients' global norm is clipped to this.
+    spike_guard: a step whose loss is not finite or above ``spike_guard`` times the median of the last 16 restores
+        the last good weights and optimiser state and halves the learning rate (``hf_ext.mla.guard``; it says
+        so, and the log lists the restores). None turns it off. Its snapshots (the trainable weights and Adam's
+        two moments, on the CPU, every 10 steps) cost three copies of the trainable weights in host memory.
     trainable: "attention" (only the MLA attention weights), "all", or a comma list of name substrings.
     hidden_mse: weight of the final-hidden-state MSE term (0 = logits KL only).
     checkpoint_dir / checkpoint_every: where and how often (steps) to save accelerate state; resume from it.
@@ -42,7 +50,9 @@ class DistillConfig:
     seq_len: int = 256
     batch_size: int = 4
     lr: float = 5e-4       # on a train-split validation at 131k tokens: 2e-4 34.4, 5e-4 30.5, 1e-3 31.2 (benchmarks/mla_deepseek_cost.py)
-    warmup: float = 0.05
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    spike_guard: float | None = 3.0
     trainable: str = "attention"
     hidden_mse: float = 0.0
     checkpoint_dir: str | None = None
@@ -71,8 +81,10 @@ def _windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 def distill(student, teacher, train_ids, config: DistillConfig | None = None,
             progress: bool = True, accelerator=None, on_step=None) -> dict:
-    """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss, and the
-    latent norm anneal fraction used.
+    """Train ``student`` in place. Returns a log: steps, tokens, seconds, tokens/s, first/last loss, the
+    per-step ``losses`` and ``grad_norms`` (before clipping; NaN where the spike guard skipped the step), the guard's
+    ``restores``, and the latent norm anneal fraction used. The student comes back in eval mode with its plain
+    forward (an accelerator's autocast wrapper is removed), on the accelerator's device.
 
     ``train_ids``: a 1-D tensor of token ids (cut into ``seq_len`` windows), or an hf-ext token store
     (folder or ``ShardedDataset`` of ``seq_len`` windows, see ``hf_ext.data``) read by its fast loader.
@@ -98,7 +110,7 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
         p.requires_grad_(n in names)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup * steps), steps)
+    sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, steps), steps)
     from_store = not isinstance(train_ids, torch.Tensor)
     if not from_store:
         data = _windows(train_ids, cfg.seq_len)
@@ -117,7 +129,14 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
     if ckpt is not None and (ckpt / "step.txt").exists():
         acc.load_state(str(ckpt))
         start = int((ckpt / "step.txt").read_text())
-    losses, t0, paused = [], time.perf_counter(), 0.0
+    losses, grad_norms, t0, paused = [], [], time.perf_counter(), 0.0
+    guard = None
+    if cfg.spike_guard is not None:
+        from .guard import LossSpikeGuard
+
+        guard = LossSpikeGuard(params, opt, getattr(sched, "scheduler", sched), factor=cfg.spike_guard)
+        if start and (ckpt / "guard.json").exists():
+            guard.load_state_dict(json.loads((ckpt / "guard.json").read_text()))
     if from_store:
         from ..data.loader import token_batches
 
@@ -147,14 +166,20 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
                         F.log_softmax(t_out.logits.float(), -1).flatten(0, 1), log_target=True, reduction="batchmean")
         if cfg.hidden_mse > 0:
             loss = loss + cfg.hidden_mse * F.mse_loss(s_out.hidden_states[-1], t_out.hidden_states[-1])
-        acc.backward(loss)
-        acc.clip_grad_norm_(params, 1.0)
-        opt.step()
+        losses.append(acc.reduce(loss.detach(), "mean").item())   # every process sees the same value
+        if guard is not None and guard.check(step, losses[-1]):   # a spike: the state went back, skip the batch
+            if acc.is_main_process:
+                bar.write(guard.message())
+            grad_norms.append(float("nan"))
+        else:
+            acc.backward(loss)
+            grad_norms.append(acc.clip_grad_norm_(params, cfg.max_grad_norm).item())
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        del s_out, t_out, loss
         if anneal is not None:
             anneal.step(step)
-        losses.append(loss.item())
         bar.set_postfix(kl=f"{losses[-1]:.4f}")
         if on_step is not None:
             t_cb = time.perf_counter()
@@ -164,13 +189,16 @@ def distill(student, teacher, train_ids, config: DistillConfig | None = None,
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
             acc.save_state(str(ckpt))
             if acc.is_main_process:
+                if guard is not None:
+                    (ckpt / "guard.json").write_text(json.dumps(guard.state_dict()))
                 (ckpt / "step.txt").write_text(str(step + 1))
     if anneal is not None:
         anneal.close()
     secs = time.perf_counter() - t0 - paused
     done = steps - start
-    acc.unwrap_model(student).eval()
+    acc.unwrap_model(student, keep_fp32_wrapper=False).eval()   # the plain forward again: no autocast wrapper
     return {"steps": steps, "tokens": steps * cfg.seq_len * cfg.batch_size * acc.num_processes,
             "seconds": secs, "tokens_per_s": done * cfg.seq_len * cfg.batch_size / max(secs, 1e-9),
             "loss_first": losses[0] if losses else None, "loss_last": sum(losses[-10:]) / max(1, len(losses[-10:])),
-            "norm_anneal": frac}
+            "norm_anneal": frac, "losses": losses, "grad_norms": grad_norms,
+            "restores": guard.events if guard is not None else []}

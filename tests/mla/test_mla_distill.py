@@ -131,12 +131,15 @@ def test_distill_ddp_two_cpu_processes(tmp_path):
                       accelerator=acc)
         w = mla.model.layers[0].self_attn.kv_a_proj.weight
         print(json.dumps({{"rank": acc.process_index, "n": acc.num_processes, "steps": log["steps"],
-                           "w": w.sum().item()}}))
+                           "w": w.sum().item()}}), flush=True)
+        acc.wait_for_everyone()
+        acc.end_training()  # destroy the gloo group on both ranks: a rank that exits first can abort the other
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `accelerate launch --cpu` runs one process unless given an MPI hostfile; torchrun starts two gloo
-    # processes, which Accelerator(cpu=True) picks up as MULTI_CPU (DDP).
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+    # processes, which Accelerator(cpu=True) picks up as MULTI_CPU (DDP). --standalone: a free port, not 29500.
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", r.stdout)]  # the two ranks' prints may interleave
