@@ -122,31 +122,55 @@ def section_ablation(src, data, args, device):
     return {"note": "Training-free held-out perplexity; each case isolates one approximation.", "rows": rows}
 
 
+def ppl_plain(model, ids):
+    """Perplexity through the model's class forward: outside an accelerator's autocast wrapper, if it has one."""
+    wrapped = vars(model).pop("forward", None)          # accelerate puts its wrapper on the instance
+    try:
+        return ppl(model, ids)
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
 def section_distill(src, data, args, device):
+    """The learning curve, with the mean training loss since the last mark beside each held-out perplexity.
+    During training the held-out perplexity is measured twice: through the plain fp32 forward, and through
+    the forward training uses (the accelerator's autocast, no-grad inference path). A broken training run
+    shows in both and in the loss; a broken inference kernel only in ``ppl_autocast``."""
     mla, rep = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
     mla, src = mla.to(device), src.to(device)
-    cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr)
+    cfg = DistillConfig(tokens=args.distill_tokens, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                        **({"warmup_steps": args.warmup_steps} if args.warmup_steps is not None else {}))
     per_step = cfg.seq_len * cfg.batch_size
     steps = cfg.tokens // per_step
     marks = sorted({max(1, round(steps * f)) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)})
-    rows = [{"distill_tokens": 0, "ppl": ppl(mla, data["eval"].to(device))}]
+    eval_ids = data["eval"].to(device)
+    rows = [{"distill_tokens": 0, "step": 0, "ppl": ppl(mla, eval_ids)}]
 
     def on_step(step, tokens):
         if step in marks:
             mla.eval()
-            rows.append({"distill_tokens": tokens, "ppl": ppl(mla, data["eval"].to(device))})
+            rows.append({"distill_tokens": tokens, "step": step, "ppl": ppl_plain(mla, eval_ids),
+                         "ppl_autocast": ppl(mla, eval_ids)})
             print(rows[-1], flush=True)
 
     from accelerate import Accelerator
 
     log = distill(mla, src, data["train"][len(data["calib"]):], cfg, progress=False, on_step=on_step,
                   accelerator=Accelerator(mixed_precision=args.mixed_precision, cpu=device == "cpu"))
-    src_ppl = ppl(src, data["eval"].to(device))
+    src_ppl = ppl(src, eval_ids)
+    for r, prev in zip(rows[1:], rows):
+        seen = log["losses"][prev["step"]: r["step"]]
+        r["train_loss"] = sum(seen) / len(seen)
+        r["max_grad_norm"] = max(log["grad_norms"][prev["step"]: r["step"]])
     for r in rows:
         r["ppl_over_source"] = r["ppl"] / src_ppl
+    restores = "; ".join(f"step {e['step']}: loss {e['loss']:.3g} vs median {e['median']:.3g}, back to step "
+                         f"{e['restored_step']}" for e in log["restores"]) or "none"
     return {"note": f"kv_ratio {rep['kv_ratio']:.2f}, default init, KL(teacher||student) on logits, only attention "
-                    f"weights train; lr {cfg.lr}, {cfg.batch_size}x{cfg.seq_len} tokens/step, "
-                    f"{log['tokens_per_s']:.0f} tokens/s, {log['seconds']:.0f} s on {device}; source ppl {src_ppl:.3f}.",
+                    f"weights train; lr {cfg.lr}, warmup {cfg.warmup_steps} steps, {cfg.batch_size}x{cfg.seq_len} "
+                    f"tokens/step, {log['tokens_per_s']:.0f} tokens/s, {log['seconds']:.0f} s on {device}; source ppl "
+                    f"{src_ppl:.3f}; first loss {log['loss_first']:.3f}; spike-guard restores: {restores}.",
             "rows": rows}
 
 
@@ -249,6 +273,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup-steps", type=int, help="default: DistillConfig's")
     ap.add_argument("--contexts", default="1024,4096")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--speed-batches", default="1")

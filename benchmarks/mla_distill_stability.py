@@ -31,6 +31,7 @@ RECIPES = {
     "before-fix": {"warmup_fraction": 0.05, "spike_guard": None},   # the defaults before #36: warmup 5% of the run
     "cpu-curve": {"lr": 2e-4},                         # the lr of the fp32 CPU curve in BENCHMARKS.md
     "hot": {"lr": 1e-3},
+    "short-warmup": {"warmup_steps": 5},
     "hotter": {"lr": 3e-3},                            # the smallest lr at which the old recipe broke down on CPU
     "hotter-before-fix": {"lr": 3e-3, "warmup_fraction": 0.05, "spike_guard": None},
     "hot-no-warmup": {"lr": 1e-3, "warmup_steps": 0, "spike_guard": None},
@@ -68,11 +69,18 @@ def main() -> None:
     ap.add_argument("--tokens", default="32768")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--mixed-precision", default="bf16")
+    ap.add_argument("--measure", choices=["eval", "validation"], default="eval",
+                    help="eval: python-docs:eval (the docs' figures); validation: the last 8192 tokens of "
+                         "python-docs:train, which no run trains on (where recipes are chosen)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "mla_distill_stability.json"))
     args = ap.parse_args()
     args.distill_tokens = max(args.distill_tokens, *map(int, args.tokens.split(",")))
     torch.manual_seed(0)
     src, data = load(args)
+    if args.measure == "validation":
+        from mla_deepseek_cost import split
+
+        data["eval"] = split(data["tokenizer"], args.distill_tokens)[2]
     mla0, _ = upcycle_to_mla(src, UpcycleConfig(kv_ratio=6.4), calib_ids=data["calib"], progress=False)
     start = ppl(mla0.eval(), data["eval"])
     sections = {}
@@ -84,7 +92,8 @@ def main() -> None:
                 rows.append(r)
                 print(name, r, flush=True)
         sections[f"recipe {name}"] = {"note": f"DistillConfig({RECIPES[name] or 'defaults'}), "
-                                              f"{args.mixed_precision} autocast; upcycled ppl {start:.2f}.",
+                                              f"{args.mixed_precision} autocast; ppl on {args.measure}; upcycled "
+                                              f"ppl {start:.2f}.",
                                       "rows": rows}
     save_result(args.out, "MLA distillation stability (6.4x SmolLM2-135M)",
                 f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", sections)
