@@ -89,10 +89,12 @@ class LossSpikeGuard:
         return step
 
     def state_dict(self) -> dict:
-        return {"events": self.events}
+        """What a checkpoint keeps: the restores so far and the recent losses (the lr scale lives in the
+        scheduler's state). A resumed run takes a fresh snapshot at its first step."""
+        return {"events": self.events, "history": self.history[-self.window:]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.events = list(state.get("events", []))
+        self.events, self.history = list(state["events"]), list(state["history"])
 
 
 def _to_cpu(obj):
