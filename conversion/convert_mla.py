@@ -97,7 +97,7 @@ def run(args) -> None:
                       norm_anneal=args.norm_anneal))
         result.update(ppl_converted=perplexity(mla, tok, eval_text, **ev)["ppl"], distill_tokens=log["tokens"],
                       distill_seconds=log["seconds"], distill_tokens_per_s=log["tokens_per_s"],
-                      distill_restores=len(log["restores"]),
+                      distill_lr=args.lr, distill_warmup_steps=args.warmup_steps, distill_restores=len(log["restores"]),
                       **({"norm_anneal": log["norm_anneal"]} if log["norm_anneal"] else {}))
     result.update({k: figures[k] for k in ("kv_bytes_per_token_source", "kv_bytes_per_token")})
     result.update({k: report[k] for k in ("kv_lora_rank", "qk_rope_head_dim", "rope_key_sharing", "rope_rotation",
