@@ -27,7 +27,8 @@ from mla import add_data_args, load, ppl  # noqa: E402
 from run_all import save_result  # noqa: E402
 
 RECIPES = {
-    "default": {},                                     # DistillConfig's defaults: lr 1e-3, warmup 10 steps, guard 3x
+    "default": {},                                     # DistillConfig's defaults: lr 5e-4, warmup 10 steps, guard 3x
+    "lr1e-3": {"lr": 1e-3},
     "before-fix": {"lr": 5e-4, "warmup_fraction": 0.05, "spike_guard": None},   # the defaults before #36
     "lr5e-4": {"lr": 5e-4},                            # today's warmup and guard at the old lr
     "short-warmup": {"lr": 5e-4, "warmup_steps": 5},
