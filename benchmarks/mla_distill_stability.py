@@ -30,7 +30,6 @@ RECIPES = {
     "default": {},                                     # DistillConfig's defaults: lr 5e-4, warmup 10 steps, guard 3x
     "lr1e-3": {"lr": 1e-3},
     "before-fix": {"lr": 5e-4, "warmup_fraction": 0.05, "spike_guard": None},   # the defaults before #36
-    "lr5e-4": {"lr": 5e-4},                            # today's warmup and guard at the old lr
     "short-warmup": {"lr": 5e-4, "warmup_steps": 5},
     "cpu-curve": {"lr": 2e-4},                         # the lr of the fp32 CPU curve in BENCHMARKS.md
     "hotter": {"lr": 3e-3},                            # the smallest lr at which the old recipe broke down on CPU
