@@ -42,9 +42,9 @@ RECIPES = {
 def config(recipe: dict, tokens: int, seed: int) -> DistillConfig:
     """``warmup_fraction`` stands for the old schedule: a warmup of that fraction of the run's steps."""
     recipe = dict(recipe)
-    cfg = DistillConfig(tokens=tokens, seed=seed)
     if "warmup_fraction" in recipe:
-        steps = tokens // (recipe.get("seq_len", cfg.seq_len) * recipe.get("batch_size", cfg.batch_size))
+        per_step = recipe.get("seq_len", DistillConfig.seq_len) * recipe.get("batch_size", DistillConfig.batch_size)
+        steps = tokens // per_step
         recipe["warmup_steps"] = math.ceil(recipe.pop("warmup_fraction") * steps)
     return DistillConfig(tokens=tokens, seed=seed, **recipe)
 
