@@ -24,6 +24,8 @@ def synthetic_arguments(p) -> None:
     add_field(p, C, "curriculum", help="fraction of steps over which the training frequency ramps 1 -> 10 (0 = the "
                                        "paper's fixed 10)")
     add_field(p, C, "seed")
+    p.add_argument("--models", nargs="+", default=["vanilla", "myopic"], choices=["vanilla", "myopic"],
+                   help="which models to train (default: both)")
     add_json_arg(p)
 
 
@@ -52,11 +54,12 @@ def run_synthetic(args) -> None:
         from hf_ext.errors import BadTextError
 
         raise BadTextError(str(e)) from e
-    r = run_synthetic(cfg)
-    flat = {"p": cfg.p, "steps": cfg.steps, "curriculum": cfg.curriculum,
+    r = run_synthetic(cfg, models=args.models)
+    flat = {"p": cfg.p, "steps": cfg.steps, "curriculum": cfg.curriculum, "seed": cfg.seed,
             "trivial_normalized_loss": r["trivial_normalized_loss"]}
     for name in ("vanilla", "myopic"):
-        flat.update({f"{name}_{k}": v for k, v in r[name].items()})
+        for k, v in r.get(name, {}).items():                    # the loss curve is a list: 4 decimals
+            flat[f"{name}_{k}"] = [round(x, 4) for x in v] if isinstance(v, list) else v
     emit(flat, args.json)
 
 

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conversion.cli import main
 from hf_ext.myopic import count_myopic_calls
-from hf_ext.myopic.synthetic import SyntheticConfig, SyntheticRegressor, ridge_r2, sample, train, trivial_loss
+from hf_ext.myopic.synthetic import (SyntheticConfig, SyntheticRegressor, loss_curve, ridge_r2, run_synthetic, sample,
+                                     train, trivial_loss)
 from hf_ext.eval import tokenize
 from hf_ext.zoo import load_corpus, resolve_model
 from numerics import TINY_FP32_ATOL
@@ -117,3 +118,23 @@ def test_synthetic_cli_reports_both_models_and_refuses_a_bad_curriculum(capsys):
     assert {"vanilla_normalized_loss", "myopic_normalized_loss", "vanilla_probe_r2_layer2"} <= set(r)
     assert main(["myopic", "synthetic", "--curriculum", "1.5"]) == 2
     assert "curriculum=1.5" in capsys.readouterr().err
+
+
+def test_synthetic_cli_trains_only_the_models_asked_for(capsys):
+    assert main(["myopic", "synthetic", "--steps", "2", "--batch-size", "4", "--seed", "3", "--models", "vanilla",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["seed"] == 3 and "vanilla_normalized_loss" in r and not any(k.startswith("myopic_") for k in r)
+    assert len(r["vanilla_train_loss_curve"]) == 1               # one point per 1000 steps, started at step 0
+    with pytest.raises(SystemExit):                                  # argparse's usage error
+        main(["myopic", "synthetic", "--models", "random"])
+    assert "invalid choice: 'random'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="choose one or more"):
+        run_synthetic(SyntheticConfig(steps=1), models=())
+
+
+def test_synthetic_loss_curve_averages_each_window_of_steps():
+    # 2100 steps logged every 50th: 42 losses, 20 per 1000-step window; the last window holds 2 (steps 2000, 2050)
+    losses = [float(i) for i in range(42)]
+    assert loss_curve(losses, 50) == [9.5, 29.5, 40.5]
+    assert loss_curve([1.0, 3.0], 50, every=10) == [1.0, 3.0]          # a window shorter than the log step
