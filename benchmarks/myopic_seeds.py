@@ -28,6 +28,8 @@ from run_all import save_result  # noqa: E402
 
 RECIPES = {                       # SyntheticConfig fields the CLI exposes, as flags
     "default": {},
+    "slow-ramp": {"curriculum": 0.6},          # the same budget, the frequency ramp at half the speed
+    "steps40k": {"steps": 40000},               # twice the budget, the same ramp fraction
 }
 VANILLA_MAX, PROBE_MIN, MYOPIC_MIN_FRACTION = 0.1, 0.8, 0.9
 
