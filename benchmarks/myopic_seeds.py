@@ -39,7 +39,8 @@ def command(recipe: dict, seed: int, model: str) -> str:
     return f"hf-ext myopic synthetic --seed {seed} --models {model}{flags} --json"
 
 
-def run(name: str, seed: int, model: str) -> dict:
+def run(name: str, seed: int, model: str) -> tuple[dict, list[float]]:
+    """One run: its row, and its training-loss curve (4 decimals)."""
     cfg = SyntheticConfig(seed=seed, **RECIPES[name])
     r = run_synthetic(cfg, models=(model,))                        # a progress bar on stderr
     m = r[model]

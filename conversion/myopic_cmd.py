@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
 
 
 def synthetic_arguments(p) -> None:
+    from hf_ext.myopic.synthetic import MODELS
     from hf_ext.myopic.synthetic import SyntheticConfig as C
 
     add_field(p, C, "p", help="probability of a sum target")
@@ -24,7 +25,7 @@ def synthetic_arguments(p) -> None:
     add_field(p, C, "curriculum", help="fraction of steps over which the training frequency ramps 1 -> 10 (0 = the "
                                        "paper's fixed 10)")
     add_field(p, C, "seed")
-    p.add_argument("--models", nargs="+", default=["vanilla", "myopic"], choices=["vanilla", "myopic"],
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                    help="which models to train (default: both)")
     add_json_arg(p)
 
@@ -46,7 +47,7 @@ def gap_arguments(p) -> None:
 
 
 def run_synthetic(args) -> None:
-    from hf_ext.myopic.synthetic import SyntheticConfig, run_synthetic
+    from hf_ext.myopic.synthetic import MODELS, SyntheticConfig, run_synthetic
 
     try:
         cfg = SyntheticConfig(**{k: getattr(args, k) for k in ("p", "steps", "batch_size", "lr", "curriculum", "seed")})
@@ -57,7 +58,7 @@ def run_synthetic(args) -> None:
     r = run_synthetic(cfg, models=args.models)
     flat = {"p": cfg.p, "steps": cfg.steps, "curriculum": cfg.curriculum, "seed": cfg.seed,
             "trivial_normalized_loss": r["trivial_normalized_loss"]}
-    for name in ("vanilla", "myopic"):
+    for name in MODELS:
         for k, v in r.get(name, {}).items():                    # the loss curve is a list: 4 decimals
             flat[f"{name}_{k}"] = [round(x, 4) for x in v] if isinstance(v, list) else v
     emit(flat, args.json)

@@ -104,12 +104,13 @@ def normalized_loss(pred, y, p: float) -> float:
 
 MODELS = ("vanilla", "myopic")
 CURVE_EVERY = 1000                # steps per point of the reported training-loss curve
+LOG_EVERY = 50                    # the training loss is read (a sync) every LOG_EVERY steps
 
 
 def train(cfg: SyntheticConfig, myopic: bool, progress: bool = True, accelerator=None):
     """Train one model (fresh samples every step). Returns (model, log): ``log`` has ``train_seconds`` and
     ``train_loss_curve``, the mean training Huber loss (not normalized) of every ``CURVE_EVERY`` steps,
-    read from every 50th step, which tells a plateau from a slow descent."""
+    read from every ``LOG_EVERY``-th step, which tells a plateau from a slow descent."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -134,9 +135,9 @@ def train(cfg: SyntheticConfig, myopic: bool, progress: bool = True, accelerator
 
     t0 = time.perf_counter()
     losses = optimize(acc, model, opt, sched, step_loss, cfg.steps, f"synthetic {'myopic' if myopic else 'vanilla'}",
-                      progress, max_grad_norm=cfg.max_grad_norm, log_every=50)
+                      progress, max_grad_norm=cfg.max_grad_norm, log_every=LOG_EVERY)
     seconds = time.perf_counter() - t0
-    return acc.unwrap_model(model), {"train_seconds": seconds, "train_loss_curve": loss_curve(losses, 50)}
+    return acc.unwrap_model(model), {"train_seconds": seconds, "train_loss_curve": loss_curve(losses, LOG_EVERY)}
 
 
 def loss_curve(losses: list[float], log_every: int, every: int = CURVE_EVERY) -> list[float]:
